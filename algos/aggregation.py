@@ -1,0 +1,117 @@
+"""Loss aggregation: reduce a per-token loss (B, T) to the scalar that is back-propagated.
+
+Spec §1.7 and verl `agg_loss`. Every mode is a sum of per-token (or per-sequence) terms divided
+by a denominator, so a trainer that splits a mini-batch into micro-batches (and/or across ranks)
+passes the GLOBAL denominator (`num_tokens` or `num_seqs` of the whole mini-batch) to every
+micro-batch call; the micro-batch losses then SUM to the whole-batch loss, and so do their
+gradients. With the defaults (None) the denominators are local, which is the single-process table.
+
+Every mode accepts all three counts and ignores the ones it does not use, so the trainer can pass
+the same counts whatever mode the recipe names (config validation, not this module, is the place
+to reject a `norm_len` set for a mode that ignores it).
+"""
+
+import torch
+from torch import Tensor
+
+from algos.registry import AGGREGATIONS, lookup, register
+
+Count = int | float | Tensor | None
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Σ x·m / (Σ m + 1e-8), over all elements or along `dim` (spec §0, verl `masked_mean`).
+
+    x, mask: (B, T) (any matching shapes) -> scalar, or x's shape without `dim`.
+    The 1e-8 keeps an all-masked input at 0 instead of NaN.
+    """
+    m = mask.to(x.dtype)
+    if dim is None:
+        return (x * m).sum() / (m.sum() + 1e-8)
+    return (x * m).sum(dim) / (m.sum(dim) + 1e-8)
+
+
+def _denominator(count: Count, local: Tensor) -> Tensor:
+    """The global count if the caller gave one, else the local one; never below 1.
+
+    Counts are whole numbers, so the clamp changes nothing except an empty batch, where the
+    numerator is 0 and the loss becomes an exact 0 that still carries a grad graph (not 0/0 = NaN).
+    """
+    denom = local if count is None else torch.as_tensor(count, dtype=local.dtype, device=local.device)
+    return denom.clamp(min=1.0)
+
+
+@register(AGGREGATIONS, "token-mean")
+def token_mean(loss_mat: Tensor, mask: Tensor, *, num_tokens: Count = None, num_seqs: Count = None,
+               norm_len: Count = None) -> Tensor:
+    """Σ_{b,t} l·m / N_tok, N_tok = `num_tokens` or Σ m (spec §1.7, verl default).
+
+    DAPO (arXiv 2503.14476, "token-level policy gradient loss"): 1/Σ_i|o_i| Σ_i Σ_t l_{i,t}.
+
+    loss_mat, mask: (B, T) -> scalar. GRPO as published averages within each sequence first; this
+    weighs every token equally, so tokens of long responses are not down-weighted. `num_seqs`, `norm_len` are ignored.
+    """
+    m = mask.to(loss_mat.dtype)
+    return (loss_mat * m).sum() / _denominator(num_tokens, m.sum())
+
+
+def _seq_mean(per_seq: Tensor, lengths: Tensor, num_seqs: Count) -> Tensor:
+    """Mean of per-sequence values (B,) over non-empty sequences (L_b > 0); empty rows hold 0."""
+    nonempty = (lengths > 0).to(per_seq.dtype)
+    return (per_seq * nonempty).sum() / _denominator(num_seqs, nonempty.sum())
+
+
+@register(AGGREGATIONS, "seq-mean-token-sum")
+def seq_mean_token_sum(loss_mat: Tensor, mask: Tensor, *, num_tokens: Count = None, num_seqs: Count = None,
+                       norm_len: Count = None) -> Tensor:
+    """(1/N_seq) Σ_b Σ_t l·m, N_seq = `num_seqs` or #{b : L_b > 0} (spec §1.7, verl `seq-mean-token-sum`).
+
+    loss_mat, mask: (B, T) -> scalar. A sequence's loss is its token SUM (REINFORCE-style), so
+    longer responses weigh more. `num_tokens`, `norm_len` are ignored.
+    """
+    m = mask.to(loss_mat.dtype)
+    return _seq_mean((loss_mat * m).sum(-1), m.sum(-1), num_seqs)  # (B,)
+
+
+@register(AGGREGATIONS, "seq-mean-token-mean")
+def seq_mean_token_mean(loss_mat: Tensor, mask: Tensor, *, num_tokens: Count = None, num_seqs: Count = None,
+                        norm_len: Count = None) -> Tensor:
+    """(1/N_seq) Σ_b (Σ_t l·m) / (L_b + 1e-8), N_seq = `num_seqs` or #{b : L_b > 0}.
+
+    GRPO as published (DeepSeekMath, arXiv 2402.03300 eq. 3: 1/G Σ_i 1/|o_i| Σ_t l_{i,t}); spec §1.7, verl
+    ≥ v0.6.1 (empty rows excluded). loss_mat, mask: (B, T) -> scalar. Carries the length bias that
+    Dr.GRPO removes. `num_tokens`, `norm_len` are ignored.
+    """
+    m = mask.to(loss_mat.dtype)
+    lengths = m.sum(-1)  # (B,)
+    return _seq_mean((loss_mat * m).sum(-1) / (lengths + 1e-8), lengths, num_seqs)
+
+
+@register(AGGREGATIONS, "seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(loss_mat: Tensor, mask: Tensor, *, num_tokens: Count = None, num_seqs: Count = None,
+                            norm_len: Count = None) -> Tensor:
+    """Σ_{b,t} l·m / K, K = `norm_len` or T = mask.shape[-1] (spec §1.7, §2.4).
+
+    Dr.GRPO (arXiv 2503.20783): Σ_i Σ_t l_{i,t} / MAX_TOKENS instead of GRPO's 1/G Σ_i 1/|o_i| Σ_t.
+
+    loss_mat, mask: (B, T) -> scalar. Dr.GRPO replaces 1/|o_i| by a constant (the max generation
+    length); like verl, the sum is NOT divided by the number of sequences (TRL's `dr_grpo` also
+    divides by B). K is already batch-independent, so micro-batch invariance needs no global count,
+    but it does need the same K in every micro-batch: pass `norm_len` when micro-batches are padded
+    to different T. `num_tokens`, `num_seqs` are ignored.
+    """
+    m = mask.to(loss_mat.dtype)
+    k = mask.shape[-1] if norm_len is None else norm_len
+    return (loss_mat * m).sum() / k
+
+
+def aggregate(loss_mat: Tensor, mask: Tensor, mode: str, *, num_tokens: Count = None, num_seqs: Count = None,
+              norm_len: Count = None) -> Tensor:
+    """Reduce per-token losses (B, T) under `mask` (B, T) to a scalar with the named mode (spec §1.7).
+
+    num_tokens: global Σ mask of the mini-batch (token-mean); num_seqs: global number of sequences
+    with L_b > 0 (seq-mean-*); norm_len: constant K for seq-mean-token-sum-norm. Unknown mode ->
+    KeyError listing the valid modes.
+    """
+    fn = lookup(AGGREGATIONS, mode, "aggregation")
+    return fn(loss_mat, mask, num_tokens=num_tokens, num_seqs=num_seqs, norm_len=norm_len)
