@@ -1,0 +1,139 @@
+"""Weighted sum of rewards, scored in worker processes with a time limit per call."""
+
+import inspect
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rewards.pool import WorkerPool
+from rewards.registry import resolve_reward
+from rewards.user import USER_PREFIX, canonical_user_name
+
+logger = logging.getLogger(__name__)
+
+RewardSpec = tuple[str, float, Mapping[str, Any]]
+"""(name, weight, kwargs) — one `reward[i]` entry of the config."""
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    """Scores for a batch of B samples.
+
+    scores: (B,) sum over components of weight * component score.
+    components: component key -> (B,) unweighted scores; key = reward name, or
+        name_<i> for the i-th spec when an earlier spec has the same name.
+    metrics: reward/<key>/mean, reward/<key>/errors, reward/<key>/timeouts (sample counts).
+    """
+
+    scores: list[float]
+    components: dict[str, list[float]]
+    metrics: dict[str, float]
+
+
+class CompositeReward:
+    """Scores (prompt, response, row) batches with a weighted sum of rewards.
+
+    Construction resolves every name and checks its kwargs, so a bad config fails before
+    training, naming the spec as reward[i]. A call that raises, returns a non-finite value,
+    or runs past `timeout_s` scores 0.0 and is counted, never raised (calls raise only on
+    mismatched lengths or a worker that cannot start). `keys` / `weights` follow spec order.
+    Workers start in the constructor (spawned, ~0.2 s; ~1.3 s with `math`, which imports
+    Math-Verify) and live until `close()` or the end of a `with` block.
+    """
+
+    def __init__(self, specs: Sequence[RewardSpec], *, timeout_s: float = 10.0, num_workers: int = 2):
+        if not specs:
+            raise ValueError("reward: no reward specs; set reward: [{name: ..., weight: ...}]")
+        if not timeout_s > 0:
+            raise ValueError(f"reward timeout_s must be > 0, got {timeout_s}")
+        if num_workers < 1:
+            raise ValueError(f"reward num_workers must be >= 1, got {num_workers}")
+        worker_names, self.weights, kwargs_list, self.keys = [], [], [], []
+        for i, spec in enumerate(specs):
+            name, weight, kwargs = _check_spec(i, spec)
+            worker_names.append(canonical_user_name(name) if name.startswith(USER_PREFIX) else name)
+            self.weights.append(weight)
+            kwargs_list.append(kwargs)
+            self.keys.append(f"{name}_{i}" if name in [s[0] for s in specs[:i]] else name)
+        self._pool = WorkerPool(worker_names, kwargs_list, num_workers=num_workers, timeout_s=timeout_s)
+
+    def __call__(
+        self, prompts: Sequence[str], responses: Sequence[str], rows: Sequence[Mapping[str, Any]]
+    ) -> RewardResult:
+        n = len(responses)
+        if len(prompts) != n or len(rows) != n:
+            raise ValueError(f"got {len(prompts)} prompts, {n} responses, {len(rows)} rows; need one each per sample")
+        num_rewards = len(self.keys)
+        # One task per (sample, reward): a slow reward on one sample delays nothing else.
+        tasks = [(c, prompts[i], responses[i], rows[i]) for i in range(n) for c in range(num_rewards)]
+        outcomes = self._pool.run(tasks)
+
+        components = {key: [0.0] * n for key in self.keys}
+        errors = {key: [] for key in self.keys}
+        timeouts = dict.fromkeys(self.keys, 0)
+        for t, (value, error, timed_out) in enumerate(outcomes):
+            i, c = divmod(t, num_rewards)
+            key = self.keys[c]
+            components[key][i] = value
+            if timed_out:
+                timeouts[key] += 1
+            elif error is not None:
+                errors[key].append(error)
+
+        metrics = {}
+        for key in self.keys:
+            metrics[f"reward/{key}/mean"] = sum(components[key]) / n if n else 0.0
+            metrics[f"reward/{key}/errors"] = float(len(errors[key]))
+            metrics[f"reward/{key}/timeouts"] = float(timeouts[key])
+            if errors[key] or timeouts[key]:
+                logger.warning(
+                    "reward %s: %d of %d samples raised, %d timed out (scored 0); first error: %s",
+                    key, len(errors[key]), n, timeouts[key], errors[key][0] if errors[key] else "-",
+                )
+        scores = [sum(w * components[key][i] for key, w in zip(self.keys, self.weights)) for i in range(n)]
+        return RewardResult(scores=scores, components=components, metrics=metrics)
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent)."""
+        self._pool.close()
+
+    def __enter__(self) -> "CompositeReward":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_spec(i: int, spec: RewardSpec) -> tuple[str, float, dict]:
+    """Validate reward[i]: (name, weight, kwargs) -> the same, checked; errors name the index."""
+    try:
+        name, weight, kwargs = spec
+    except (TypeError, ValueError):
+        raise ValueError(f"reward[{i}]: expected (name, weight, kwargs), got {spec!r}") from None
+    if not isinstance(name, str):
+        raise TypeError(f"reward[{i}]: name must be a string, got {name!r}")
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+        raise TypeError(f"reward[{i}] ({name}): weight must be a finite number, got {weight!r}")
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"reward[{i}] ({name}): kwargs must be a mapping, got {kwargs!r}")
+    try:
+        fn = resolve_reward(name)
+    except Exception as e:
+        raise _indexed(e, i) from e
+    try:
+        # Catch misspelt kwargs now rather than as an error on every sample.
+        inspect.signature(fn).bind("", "", {}, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"reward[{i}] ({name}): bad kwargs {dict(kwargs)!r}: {e}") from None
+    return name, float(weight), dict(kwargs)
+
+
+def _indexed(e: Exception, i: int) -> Exception:
+    """The same kind of exception, its message prefixed "reward[i]: " with i filled in."""
+    message = f"reward[{i}]: " + str(e).replace("reward[i]", f"reward[{i}]")
+    try:
+        return type(e)(message)
+    except Exception:  # exception types whose constructor wants other arguments
+        return ValueError(f"{message} ({type(e).__name__})")

@@ -1,0 +1,121 @@
+"""CompositeReward: weighted sums, metrics, errors and timeouts in worker processes."""
+
+import threading
+import time
+
+import pytest
+
+from rewards import CompositeReward, RewardResult
+
+USER_CODE = """
+import os, time
+
+def flaky(prompt, response, row):
+    if response == "hang":
+        while True:
+            time.sleep(1)
+    if response == "boom":
+        raise RuntimeError("boom")
+    if response == "crash":
+        os._exit(3)
+    if response == "nan":
+        return float("nan")
+    return 0.25
+"""
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "user_reward.py"
+    path.write_text(USER_CODE)
+    return path
+
+
+def test_weighted_sum_components_and_metrics():
+    specs = [
+        ("exact", 2.0, {}),
+        ("format", 0.5, {}),
+        ("exact", -1.0, {"pattern": r"<answer>(.*?)</answer>"}),  # same name twice -> exact_2
+    ]
+    responses = ["42", "<think>t</think><answer>42</answer>", "<think>t</think><answer>7</answer>"]
+    rows = [{"answer": "42"}] * 3
+    with CompositeReward(specs) as reward:
+        result = reward(["p"] * 3, responses, rows)
+    assert isinstance(result, RewardResult)
+    assert result.components == {
+        "exact": [1.0, 0.0, 0.0],
+        "format": [0.0, 1.0, 1.0],
+        "exact_2": [0.0, 1.0, 0.0],
+    }
+    # sample 0: 2*1 + 0.5*0 - 1*0 = 2.0; sample 1: 2*0 + 0.5*1 - 1*1 = -0.5; sample 2: 0.5*1 = 0.5
+    assert result.scores == [2.0, -0.5, 0.5]
+    assert result.metrics["reward/exact/mean"] == pytest.approx(1 / 3)
+    assert result.metrics["reward/format/mean"] == pytest.approx(2 / 3)
+    assert result.metrics["reward/exact_2/mean"] == pytest.approx(1 / 3)
+    assert all(result.metrics[f"reward/{k}/{m}"] == 0.0 for k in result.components for m in ("errors", "timeouts"))
+    assert len(result.metrics) == 9
+
+
+def test_errors_and_timeouts_are_counted_and_pool_recovers(user_file):
+    specs = [("exact", 1.0, {}), (f"python:{user_file}:flaky", 1.0, {})]
+    responses = ["ok", "hang", "boom", "crash", "nan", "ok"]
+    rows = [{"answer": "ok"}] * 5 + [{"answer": "ok", "bad": lambda: 0}]  # last row cannot be pickled
+    with CompositeReward(specs, timeout_s=1.0, num_workers=2) as reward:
+        start = time.monotonic()
+        result = reward(["p"] * 6, responses, rows)
+        assert time.monotonic() - start < 5.0  # the hung sample costs one timeout, not a hang
+        assert result.components[specs[1][0]] == [0.25, 0.0, 0.0, 0.0, 0.0, 0.0]
+        assert result.metrics[f"reward/{specs[1][0]}/timeouts"] == 1.0
+        assert result.metrics[f"reward/{specs[1][0]}/errors"] == 4.0  # boom, crash, nan, unpicklable row
+        assert result.components["exact"] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        assert result.metrics["reward/exact/errors"] == 1.0  # the unpicklable row
+        assert result.scores[0] == 1.25
+
+        # Killed and crashed workers were replaced: the next batch scores normally.
+        result = reward(["p"] * 4, ["ok"] * 4, [{"answer": "ok"}] * 4)
+        assert result.scores == [1.25] * 4
+        assert result.metrics[f"reward/{specs[1][0]}/timeouts"] == 0.0
+
+
+def test_math_from_non_main_thread():
+    # Math-Verify's own SIGALRM timeout would fail here; workers run it with timeouts off.
+    out = {}
+    rows = [{"answer": "\\frac{1}{2}"}, {"answer": "42"}, {"answer": "42"}, {"answer": "\\boxed{}"}]
+    responses = ["\\boxed{0.5}", "The answer is 42.", "The answer is 41.", "\\boxed{1}"]
+
+    def score():
+        try:
+            with CompositeReward([("math", 1.0, {})], timeout_s=30.0) as reward:
+                out["result"] = reward(["p"] * 4, responses, rows)
+        except BaseException as e:  # surface it in the main thread
+            out["error"] = e
+
+    thread = threading.Thread(target=score)
+    thread.start()
+    thread.join(timeout=60)
+    assert "error" not in out, out.get("error")
+    assert out["result"].components["math"] == [1.0, 1.0, 0.0, 0.0]
+    assert out["result"].metrics["reward/math/errors"] == 1.0  # unparseable gold
+
+
+def test_batch_of_128_exact_is_fast_once_warm():
+    n = 128
+    rows = [{"answer": str(i)} for i in range(n)]
+    responses = [f"Answer: {i}" for i in range(n)]
+    with CompositeReward([("exact", 1.0, {"pattern": r"Answer: (\d+)"})]) as reward:
+        reward(["p"] * n, responses, rows)  # waits for the workers to start
+        start = time.perf_counter()
+        result = reward(["p"] * n, responses, rows)
+        elapsed = time.perf_counter() - start
+    assert result.scores == [1.0] * n
+    assert elapsed < 0.5, f"128 exact samples took {elapsed:.3f} s"
+
+
+def test_closed_composite_refuses_work_and_mismatched_lengths_raise():
+    reward = CompositeReward([("exact", 1.0, {})])
+    with pytest.raises(ValueError, match="2 prompts, 1 responses"):
+        reward(["a", "b"], ["a"], [{"answer": "a"}])
+    reward.close()
+    reward.close()  # idempotent
+    with pytest.raises(RuntimeError, match="closed"):
+        reward(["a"], ["a"], [{"answer": "a"}])
