@@ -1,0 +1,107 @@
+"""Typed batch containers and token-budget micro-batching.
+
+Shapes: B = sequences, T = response tokens (right-padded), P = longest prompt + response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+from rollout import Sample
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """What one rollout produced, as tensors; one row per sample, a group's samples adjacent."""
+
+    prompt_ids: list[list[int]]
+    """B prompts (repeated per sample)."""
+    response_ids: Tensor
+    """(B, T) long, generated tokens, 0 after the end."""
+    mask: Tensor
+    """(B, T) float, 1 on generated tokens including EOS."""
+    rollout_logprobs: Tensor
+    """(B, T) float, engine log-probs of the sampled tokens (0 after the end)."""
+    group_ids: Tensor
+    """(B,) long, index of the prompt within the step."""
+    is_truncated: Tensor
+    """(B,) bool, hit max_new_tokens without a stop token."""
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    @staticmethod
+    def from_samples(prompts: list[list[int]], samples: list[list[Sample]]) -> "RolloutBatch":
+        flat = [(g, p, s) for g, (p, group) in enumerate(zip(prompts, samples)) for s in group]
+        T = max(1, max(len(s.token_ids) for _, _, s in flat))
+        ids = torch.zeros(len(flat), T, dtype=torch.long)
+        logps = torch.zeros(len(flat), T)
+        mask = torch.zeros(len(flat), T)
+        for i, (_, _, s) in enumerate(flat):
+            n = len(s.token_ids)
+            ids[i, :n] = torch.tensor(s.token_ids, dtype=torch.long)
+            logps[i, :n] = torch.tensor(s.logprobs)
+            mask[i, :n] = 1.0
+        return RolloutBatch(
+            prompt_ids=[p for _, p, _ in flat],
+            response_ids=ids,
+            mask=mask,
+            rollout_logprobs=logps,
+            group_ids=torch.tensor([g for g, _, _ in flat], dtype=torch.long),
+            is_truncated=torch.tensor([s.finish_reason == "length" for _, _, s in flat]),
+        )
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """Everything the update needs, all (B, T) float over response tokens unless noted."""
+
+    prompt_ids: list[list[int]]
+    response_ids: Tensor
+    """(B, T) long."""
+    mask: Tensor
+    old_logprobs: Tensor
+    ref_logprobs: Tensor | None
+    advantages: Tensor
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def select(self, idx: list[int]) -> "TrainBatch":
+        """Rows `idx`, with T trimmed to the longest selected response."""
+        index = torch.tensor(idx, dtype=torch.long)
+        T = max(1, int(self.mask[index].sum(-1).max().item()))
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                out[f.name] = v[index, :T]
+            elif isinstance(v, list):
+                out[f.name] = [v[i] for i in idx]
+            else:
+                out[f.name] = v
+        return replace(self, **out)
+
+
+def split_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Greedy micro-batches of row indices whose padded size (rows x longest) fits max_tokens.
+
+    Rows are visited longest first so similar lengths share a micro-batch (less padding).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in order:
+        new_longest = max(longest, lengths[i])
+        if current and new_longest * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current, new_longest = [], lengths[i]
+        current.append(i)
+        longest = new_longest
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,55 @@
+"""Building what a run needs from the config: tokenizer, initial policy, data."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from rlcore.config import RLConfig
+from rlcore.data import Prompts, load_prompts
+from rlcore.models import char_tokenizer, load_model, load_tokenizer, tiny_model
+from rlcore.warmstart import cached_warmstart
+
+
+def build_tokenizer(cfg: RLConfig):
+    if cfg.model.path is None:
+        return char_tokenizer()
+    return load_tokenizer(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def build_policy(cfg: RLConfig, tokenizer, train: Prompts, device: str):
+    """The initial policy: a local checkpoint or the tiny built-in model, then the optional warm start."""
+    m = cfg.model
+    if m.path is None:
+        t = m.tiny
+        model = tiny_model(len(tokenizer), family=t.family, hidden_size=t.hidden_size, num_layers=t.num_layers,
+                           num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size,
+                           seed=cfg.trainer.seed, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id)
+        source = {"tiny": dataclasses.asdict(t), "tokenizer": "char-v1"}
+    else:
+        model = load_model(m.path, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        source = {"path": str(Path(m.path).resolve()), "mtime": os.path.getmtime(Path(m.path, "config.json"))}
+    model.to(device)
+    if m.warmstart.steps > 0:
+        w = m.warmstart
+        key = {"model": source, "data": _data_identity(cfg), "warmstart": dataclasses.asdict(w),
+               "seed": cfg.trainer.seed, "version": 1}
+        model = cached_warmstart(model, tokenizer, train, key, steps=w.steps, lr=w.lr, batch_size=w.batch_size,
+                                 target_key=w.target_key, seed=cfg.trainer.seed, device=device)
+    if m.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def _data_identity(cfg: RLConfig) -> dict:
+    d = cfg.data
+    if not d.train_files:
+        return {"task": dataclasses.asdict(d.task), "chat": d.apply_chat_template}
+    files = {f: os.path.getmtime(f) for f in d.train_files}
+    return {"files": files, "prompt_key": d.prompt_key, "messages_key": d.messages_key, "chat": d.apply_chat_template}
+
+
+def build_data(cfg: RLConfig, tokenizer) -> tuple[Prompts, Prompts | None]:
+    return load_prompts(cfg.data, tokenizer, seed=cfg.trainer.seed)

@@ -1,0 +1,242 @@
+"""The one config schema: nested dataclasses, registered with Hydra as structured configs.
+
+Every default lives here, and each field is documented once, in the docstring under it (that text
+is what `rlcore train --help` prints). Recipes in `recipes/` are YAML over this schema; they start
+with `defaults: [rlcore, _self_]` so Hydra checks every key and type against it at compose time.
+Cross-field rules live in `rlcore.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class TinyModelConfig:
+    family: str = "qwen2"
+    """Shape of the built-in random-init model: qwen2 or llama."""
+    hidden_size: int = 128
+    """Hidden size of the built-in model."""
+    num_layers: int = 2
+    """Decoder layers of the built-in model."""
+    num_heads: int = 4
+    """Attention heads of the built-in model."""
+    num_kv_heads: int = 2
+    """Key/value heads of the built-in model (grouped-query attention)."""
+    intermediate_size: int = 352
+    """MLP width of the built-in model."""
+
+
+@dataclass
+class WarmstartConfig:
+    steps: int = 0
+    """Supervised steps on (prompt, answer) rows before RL (0 = none). Cached by content hash, so a
+    second run reuses it; the reported RL gain is measured after it."""
+    lr: float = 1e-3
+    """Learning rate of the supervised warm start."""
+    batch_size: int = 64
+    """Rows per supervised step."""
+    target_key: str = "answer"
+    """Row field holding the supervised target text."""
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None
+    """Local Hugging Face checkpoint folder (model and tokenizer). Unset: build the tiny model
+    described by model.tiny and a character tokenizer (nothing is downloaded, ever)."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code shipped with the checkpoint. Off unless you trust it."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the built-in model, used only when model.path is unset."""
+    warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
+    """Optional supervised warm start before RL."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"
+    """Built-in synthetic task (see `rlcore ls`), used when data.train_files is empty."""
+    num_digits: int = 2
+    """Difficulty: operands have up to this many digits."""
+    ops: str = "+"
+    """Operators to draw from, any of '+-*'."""
+    num_train: int = 20000
+    """Training rows generated."""
+    num_eval: int = 200
+    """Held-out rows generated (never overlap the training prompts)."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Local jsonl / json / parquet / csv files or a `datasets.save_to_disk` folder. Empty: the
+    built-in synthetic task data.task."""
+    eval_files: list[str] = field(default_factory=list)
+    """Held-out files in the same format, scored before and after training (and every
+    trainer.eval_every steps). Empty with files given: no held-out evaluation."""
+    prompt_key: str = "prompt"
+    """Row field holding the prompt text."""
+    messages_key: Optional[str] = None
+    """Row field holding chat messages [{role, content}, ...], used instead of prompt_key; the
+    tokenizer's chat template is always applied to them."""
+    fields: list[str] = field(default_factory=lambda: ["answer"])
+    """Row fields the rewards need; every row must have them."""
+    apply_chat_template: bool = False
+    """Wrap prompts with the tokenizer's chat template (adds the generation prompt)."""
+    max_prompt_tokens: int = 512
+    """Prompts longer than this are dropped (and counted in data/dropped_prompts)."""
+    max_eval_prompts: int = 200
+    """At most this many held-out prompts are scored."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """The built-in synthetic task."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    """Generation backend (see `rlcore ls`)."""
+    mode: str = "auto"
+    """hf engine only: generate (padded), paged (continuous batching) or auto (measured faster)."""
+    samples_per_prompt: int = 8
+    """Samples generated for each prompt: the GRPO group size."""
+    max_new_tokens: int = 256
+    """Most tokens generated per sample; longer ones are cut (finish reason 'length')."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs in the loss use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    stop: list[str] = field(default_factory=list)
+    """Extra stop strings (each must be one token of the tokenizer); EOS always stops."""
+    sync_bucket_mb: int = 64
+    """Weight sync streams parameters into the engine in buckets of about this many MB."""
+    verify_sync: bool = True
+    """After every sync, compare engine and actor weights by checksum; stop on a mismatch."""
+
+
+@dataclass
+class PolicyLossConfig:
+    name: str = "vanilla"
+    """Policy loss (see `rlcore ls`)."""
+    clip_low: float = 0.2
+    """Lower clip: ratio >= 1 - clip_low."""
+    clip_high: float = 0.2
+    """Upper clip: ratio <= 1 + clip_high (DAPO clip-higher raises only this)."""
+    dual_clip: Optional[float] = None
+    """Dual-clip bound c > 1 for negative advantages (unset = off)."""
+
+
+@dataclass
+class KLConfig:
+    coef: float = 0.0
+    """Weight of the KL loss against the frozen reference model (0 = off, no reference kept)."""
+    estimator: str = "k3"
+    """KL estimator: k1, k2 or k3."""
+
+
+@dataclass
+class AlgoConfig:
+    estimator: str = "grpo"
+    """Advantage estimator (see `rlcore ls`): grpo (group-normalised), drgrpo (no std scaling)."""
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    """Clipped surrogate settings."""
+    aggregation: str = "token-mean"
+    """Loss aggregation: token-mean, seq-mean-token-sum, seq-mean-token-mean, seq-mean-token-sum-norm."""
+    kl: KLConfig = field(default_factory=KLConfig)
+    """KL loss against the reference."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (the entropy is logged either way)."""
+
+
+@dataclass
+class RewardTerm:
+    name: str = "exact"
+    """Reward function (see `rlcore ls`), or python:path/to/file.py:fn for your own."""
+    weight: float = 1.0
+    """Weight of this term in the summed reward."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the reward function, e.g. {answer_key: answer}."""
+
+
+@dataclass
+class RewardConfig:
+    terms: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
+    """Weighted reward terms; each is logged as reward/<name>/mean. The first is the accuracy."""
+    timeout_s: float = 10.0
+    """A reward call running longer scores 0 and is counted (reward/<name>/timeouts)."""
+    num_workers: int = 2
+    """Reward worker processes."""
+
+
+@dataclass
+class TrainConfig:
+    prompts_per_step: int = 16
+    """Prompts per RL step (all ranks); each gets rollout.samples_per_prompt samples."""
+    minibatches_per_step: int = 1
+    """Optimizer steps per epoch over the step's samples."""
+    epochs_per_step: int = 1
+    """Passes over the step's samples."""
+    max_tokens_per_microbatch: int = 8192
+    """Token budget of one forward/backward (prompt + response tokens); gradients accumulate."""
+    lr: float = 1e-6
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 0
+    """Linear warm-up, in optimizer steps; constant afterwards."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 = off)."""
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 100
+    """RL steps to run."""
+    seed: int = 0
+    """Seeds data order, sampling and initialisation."""
+    nproc: int = 1
+    """Processes (ranks) to run."""
+    device: str = "auto"
+    """cpu, cuda or auto (cuda when available)."""
+    output_dir: Optional[str] = None
+    """Run folder. Unset: runs/<recipe>-<date>-<time>, a new one per run."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir; never: refuse a folder
+    that already holds checkpoints; or a path to one checkpoint folder."""
+    save_every: int = 50
+    """Checkpoint every this many steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Checkpoints kept; older ones are deleted after a newer one is complete."""
+    log_every: int = 1
+    """Write metrics every this many steps."""
+    eval_every: int = 0
+    """Held-out evaluation every this many steps (0 = before and after training only)."""
+    sample_text_every: int = 10
+    """Log a few prompts and responses as TensorBoard text every this many steps."""
+    export: bool = True
+    """Write a Hugging Face export to <output_dir>/hf at the end (checked by reloading)."""
+
+
+@dataclass
+class RLConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def register_schema() -> None:
+    """Register RLConfig as the Hydra structured config named `rlcore` (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="rlcore", node=RLConfig)

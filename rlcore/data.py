@@ -1,0 +1,164 @@
+"""Prompt data: local files through `datasets`, or a built-in synthetic task; seeded sampling.
+
+Every row problem is reported with the file, the row number and the key, before any training.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlcore.config import DataConfig
+from rlcore.tasks import TASKS
+
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """A data file or row the run cannot use; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """Tokenised prompts with the rows the rewards need (parallel lists)."""
+
+    rows: list[dict[str, Any]]
+    texts: list[str]
+    token_ids: list[list[int]]
+    num_dropped: int
+    """Prompts longer than data.max_prompt_tokens, dropped."""
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """All rows of one local file or saved dataset folder."""
+    import datasets
+
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file {path!r} does not exist; fix data.train_files / data.eval_files")
+    if p.is_dir():
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+    else:
+        fmt = FORMATS.get(p.suffix)
+        if fmt is None:
+            raise DataError(f"data file {path!r}: unknown format {p.suffix!r}; use one of {sorted(FORMATS)}")
+        try:
+            ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
+        except Exception as e:  # datasets wraps parse errors in several types
+            raise DataError(f"data file {path!r} could not be read as {fmt}: {e}") from e
+    return ds.to_list()
+
+
+def _prompt_text(row: dict, cfg: DataConfig, tokenizer, where: str) -> str:
+    key = cfg.messages_key or cfg.prompt_key
+    value = row.get(key)
+    if value is None:
+        raise DataError(
+            f"{where}: no field {key!r} (row has {sorted(row)}); set data."
+            f"{'messages_key' if cfg.messages_key else 'prompt_key'} to the field holding the prompt"
+        )
+    missing = [f for f in cfg.fields if row.get(f) is None]
+    if missing:
+        raise DataError(f"{where}: missing field(s) {missing} that data.fields says the rewards need")
+    if cfg.messages_key:
+        return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+    if cfg.apply_chat_template:
+        messages = [{"role": "user", "content": str(value)}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return str(value)
+
+
+def tokenize_prompts(rows: list[dict], tokenizer, cfg: DataConfig, source: str) -> Prompts:
+    """Check and tokenise rows; over-long prompts are dropped and counted."""
+    kept_rows, texts, ids, dropped = [], [], [], 0
+    for i, row in enumerate(rows):
+        text = _prompt_text(row, cfg, tokenizer, f"{source} row {i}")
+        # A chat template already carries the special tokens it needs.
+        tokens = tokenizer(text, add_special_tokens=not cfg.apply_chat_template)["input_ids"]
+        if len(tokens) > cfg.max_prompt_tokens:
+            dropped += 1
+            continue
+        if not tokens:
+            raise DataError(f"{source} row {i}: the prompt is empty")
+        kept_rows.append(row)
+        texts.append(text)
+        ids.append(tokens)
+    if not kept_rows:
+        raise DataError(f"{source}: no usable prompts ({dropped} longer than data.max_prompt_tokens)")
+    return Prompts(kept_rows, texts, ids, dropped)
+
+
+def load_prompts(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[Prompts, Prompts | None]:
+    """(train, eval) prompts from data.train_files / eval_files, or from the synthetic task."""
+    if not cfg.train_files:
+        task = TASKS[cfg.task.name](num_digits=cfg.task.num_digits, ops=cfg.task.ops)
+        source = f"task {cfg.task.name}"
+        train = tokenize_prompts(task.rows("train", cfg.task.num_train, seed), tokenizer, cfg, source)
+        evals = task.rows("eval", min(cfg.task.num_eval, cfg.max_eval_prompts), seed)
+        return train, tokenize_prompts(evals, tokenizer, cfg, source + " (eval)")
+    train = _load_files(cfg.train_files, tokenizer, cfg)
+    if not cfg.eval_files:
+        return train, None
+    evals = _load_files(cfg.eval_files, tokenizer, cfg)
+    n = min(len(evals), cfg.max_eval_prompts)
+    return train, Prompts(evals.rows[:n], evals.texts[:n], evals.token_ids[:n], evals.num_dropped)
+
+
+def _load_files(files: list[str], tokenizer, cfg: DataConfig) -> Prompts:
+    parts = [tokenize_prompts(read_rows(f), tokenizer, cfg, f"data file {f!r}") for f in files]
+    return Prompts(
+        [r for p in parts for r in p.rows],
+        [t for p in parts for t in p.texts],
+        [t for p in parts for t in p.token_ids],
+        sum(p.num_dropped for p in parts),
+    )
+
+
+class PromptSampler:
+    """Seeded epoch shuffling over prompt indices; its state (epoch, position) is checkpointed.
+
+    Every rank draws the same global batch and keeps its own contiguous slice, so a group's
+    samples stay on one rank and the data order does not depend on the rank count.
+    """
+
+    def __init__(self, num_prompts: int, *, seed: int, rank: int = 0, world_size: int = 1):
+        self.num_prompts, self.seed, self.rank, self.world_size = num_prompts, seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(self.num_prompts))
+        random.Random(f"{self.seed}-{epoch}").shuffle(order)
+        return order
+
+    def next_batch(self, num_prompts: int) -> list[int]:
+        """The next `num_prompts` global indices (crossing epochs), then this rank's slice."""
+        batch = []
+        while len(batch) < num_prompts:
+            if self.position == self.num_prompts:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._shuffled(self.epoch)
+            take = min(num_prompts - len(batch), self.num_prompts - self.position)
+            batch += self._order[self.position : self.position + take]
+            self.position += take
+        per_rank = num_prompts // self.world_size
+        return batch[self.rank * per_rank : (self.rank + 1) * per_rank]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "num_prompts": self.num_prompts}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["num_prompts"] != self.num_prompts:
+            raise DataError(
+                f"the checkpoint was taken with {state['num_prompts']} prompts but the data now has "
+                f"{self.num_prompts}; resume with the same data, or start a new run (trainer.resume=never)"
+            )
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._shuffled(self.epoch)

@@ -1,0 +1,95 @@
+"""Log-probs (and entropies) of response tokens under a causal LM, at the sampling temperature.
+
+Only the hidden states that score a response token go through the LM head, in chunks, so the
+[B, P, vocab] logits of prompts and padding are never materialised (spec §0: the logits at position
+prompt_len + t - 1 score response token t).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from algos import entropy_from_logits
+
+HEAD_CHUNK_TOKENS = 4096
+
+
+def pack_inputs(prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor, pad_id: int):
+    """Right-padded prompt+response rows -> (input_ids (B, P), attention_mask (B, P), pos (B, T)).
+
+    pos[b, t] is the position whose logits score response token t of row b.
+    """
+    lengths = mask.sum(-1).long().tolist()
+    B, T = response_ids.shape
+    P = max(len(p) + n for p, n in zip(prompt_ids, lengths))
+    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, P, dtype=torch.long)
+    starts = torch.tensor([len(p) for p in prompt_ids])
+    for b, (p, n) in enumerate(zip(prompt_ids, lengths)):
+        input_ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        input_ids[b, len(p) : len(p) + n] = response_ids[b, :n]
+        attention_mask[b, : len(p) + n] = 1
+    pos = (starts[:, None] - 1 + torch.arange(T)[None, :]).clamp(max=P - 1)  # (B, T)
+    return input_ids, attention_mask, pos
+
+
+def response_logprobs(
+    model,
+    prompt_ids: list[list[int]],
+    response_ids: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float,
+    pad_id: int,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """log π(y_t | x, y_<t) of each response token, (B, T), 0 where mask is 0; entropy likewise.
+
+    Gradients flow when called under grad mode (the update); wrap in no_grad for old/ref log-probs.
+    """
+    device = next(model.parameters()).device
+    input_ids, attention_mask, pos = pack_inputs(prompt_ids, response_ids, mask, pad_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    pos, targets, keep = pos.to(device), response_ids.to(device), mask.to(device).bool()
+
+    decoder, head = _split(model)
+    if decoder is None:  # models without a separable head: full logits (fine for small vocabularies)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        hidden_sel = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))[keep]
+        head = torch.nn.Identity()
+    else:
+        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, P, H)
+        hidden_sel = torch.gather(hidden, 1, pos[..., None].expand(-1, -1, hidden.shape[-1]))[keep]  # (N, H)
+
+    target_sel = targets[keep]  # (N,)
+    logp_parts, ent_parts = [], []
+    for start in range(0, target_sel.shape[0], HEAD_CHUNK_TOKENS):
+        z = head(hidden_sel[start : start + HEAD_CHUNK_TOKENS]).float() / temperature  # (n, V)
+        lse = torch.logsumexp(z, dim=-1)
+        logp_parts.append(z.gather(-1, target_sel[start : start + HEAD_CHUNK_TOKENS, None])[:, 0] - lse)
+        if with_entropy:
+            ent_parts.append(entropy_from_logits(z))
+
+    logprobs = torch.zeros(mask.shape, device=device, dtype=torch.float32)
+    logprobs = logprobs.masked_scatter(keep, _cat(logp_parts, device))
+    entropy = None
+    if with_entropy:
+        entropy = torch.zeros(mask.shape, device=device, dtype=torch.float32)
+        entropy = entropy.masked_scatter(keep, _cat(ent_parts, device))
+    return logprobs, entropy
+
+
+def _cat(parts: list[Tensor], device) -> Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, device=device)
+
+
+def _split(model):
+    """(decoder trunk, lm head), or (None, None) when the model cannot be split safely."""
+    if getattr(model.config, "final_logit_softcapping", None):
+        return None, None
+    get_decoder, head = getattr(model, "get_decoder", None), model.get_output_embeddings()
+    decoder = get_decoder() if get_decoder else None
+    if decoder is None or head is None or decoder is model:
+        return None, None
+    return decoder, head

@@ -1,0 +1,71 @@
+"""Built-in synthetic tasks: datasets that need no files, for the quickstart and the tests.
+
+A task yields rows {"prompt": str, "answer": str}; the held-out split never shares a prompt with
+the training split (the split is decided by a hash of the problem, so it is stable across runs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+TASKS: dict[str, type] = {}
+
+
+def _register(name: str):
+    def deco(cls):
+        if name in TASKS:
+            raise ValueError(f"task {name!r} registered twice")
+        TASKS[name] = cls
+        return cls
+
+    return deco
+
+
+def _is_eval(key: str, eval_fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return h / 2**64 < eval_fraction
+
+
+@_register("arithmetic")
+class Arithmetic:
+    """Multi-digit integer arithmetic: "37+45=" -> "82".
+
+    Difficulty: `num_digits` (operands have 1..num_digits digits) and `ops` (a string of "+-*").
+    Subtraction keeps results non-negative; the answer is the exact integer as text.
+    """
+
+    def __init__(self, *, num_digits: int = 2, ops: str = "+", eval_fraction: float = 0.1):
+        if num_digits < 1:
+            raise ValueError(f"data.task.num_digits={num_digits}: must be >= 1")
+        if not ops or set(ops) - set("+-*"):
+            raise ValueError(f"data.task.ops={ops!r}: use a non-empty string of '+', '-', '*'")
+        self.num_digits, self.ops, self.eval_fraction = num_digits, ops, eval_fraction
+
+    def _problem(self, rng: random.Random) -> dict[str, str]:
+        hi = 10**self.num_digits - 1
+        a, b, op = rng.randint(0, hi), rng.randint(0, hi), rng.choice(self.ops)
+        if op == "-" and b > a:
+            a, b = b, a
+        value = {"+": a + b, "-": a - b, "*": a * b}[op]
+        return {"prompt": f"{a}{op}{b}=", "answer": str(value)}
+
+    def rows(self, split: str, num_rows: int, seed: int) -> list[dict[str, str]]:
+        """`num_rows` problems of `split` ("train" or "eval"), deterministic given the seed."""
+        rng = random.Random(f"{seed}-{split}")
+        want_eval = split == "eval"
+        rows, seen = [], set()
+        space = len(self.ops) * 10 ** (2 * self.num_digits)
+        max_unique = int(space * (self.eval_fraction if want_eval else 1 - self.eval_fraction))
+        for _ in range(100 * num_rows + 1000):
+            if len(rows) == num_rows:
+                break
+            row = self._problem(rng)
+            if _is_eval(row["prompt"], self.eval_fraction) != want_eval:
+                continue
+            # Small problem spaces cannot give num_rows unique prompts; allow repeats only then.
+            if row["prompt"] in seen and len(seen) < 0.9 * max_unique:
+                continue
+            seen.add(row["prompt"])
+            rows.append(row)
+        return rows

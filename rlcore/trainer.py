@@ -1,0 +1,203 @@
+"""The trainer: one RL step, visible top to bottom, and the loop around it.
+
+Every rank runs the same code (SPMD). An algorithm is a preset of the knobs this step reads
+(estimator, policy loss, aggregation, KL); there is no trainer per algorithm.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from algos import ADVANTAGES
+from rewards import CompositeReward
+from rlcore import checkpoint as ckpt
+from rlcore.actor import Actor, batched_logprobs
+from rlcore.batch import RolloutBatch, TrainBatch
+from rlcore.build import build_data, build_policy, build_tokenizer
+from rlcore.config import RLConfig
+from rlcore.data import PromptSampler
+from rlcore.evaluate import evaluate
+from rlcore.metrics import Timer, Tracker
+from rlcore.recipe import to_yaml
+from rlcore.sync import sync_weights, verify_rollout_logprobs
+from rlcore.validate import Plan
+from rollout import ENGINES, SamplingParams
+
+
+class Trainer:
+    def __init__(self, cfg: RLConfig, plan: Plan, run_dir: Path):
+        self.cfg, self.plan, self.run_dir = cfg, plan, run_dir
+        seed_everything(cfg.trainer.seed)
+        self.tokenizer = build_tokenizer(cfg)
+        self.train_prompts, self.eval_prompts = build_data(cfg, self.tokenizer)
+        policy = build_policy(cfg, self.tokenizer, self.train_prompts, plan.device)
+        # The reference is the initial policy, frozen; kept only when a KL term needs it.
+        self.ref = _frozen(copy.deepcopy(policy)) if cfg.algo.kl.coef > 0 else None
+        self.engine = ENGINES[cfg.rollout.engine](
+            _frozen(copy.deepcopy(policy)), eos_token_ids=[self.tokenizer.eos_token_id],
+            pad_token_id=self.tokenizer.pad_token_id, mode=cfg.rollout.mode)
+        self.actor = Actor(policy, cfg, pad_id=self.tokenizer.pad_token_id,
+                           seqs_per_minibatch=plan.seqs_per_minibatch_per_rank)
+        self.sampler = PromptSampler(len(self.train_prompts), seed=cfg.trainer.seed)
+        self.reward_fn = CompositeReward([(t.name, t.weight, dict(t.args)) for t in cfg.reward.terms],
+                                         timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
+        r = cfg.rollout
+        self.sampling = SamplingParams(n=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
+                                       temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                       stop_token_ids=tuple(stop_token_ids(self.tokenizer, r.stop)))
+        self.timer = Timer()
+        self.step, self.eval_before = 0, None
+
+    # ------------------------------------------------------------------ the RL step
+    def rl_step(self) -> dict[str, float]:
+        cfg, t = self.cfg, self.timer
+        # 1. prompts: this rank's share of the step's prompts
+        idx = self.sampler.next_batch(cfg.train.prompts_per_step)
+        prompts = [self.train_prompts.token_ids[i] for i in idx]
+
+        # 2. rollout: stream the actor's weights into the engine, then sample n per prompt
+        with t("sync"):
+            self.engine.wake()
+            sync_metrics = sync_weights(self.actor.model, self.engine, bucket_mb=cfg.rollout.sync_bucket_mb)
+        with t("generate"):
+            samples = self.engine.generate(prompts, self.sampling)
+            self.engine.sleep()
+        batch = RolloutBatch.from_samples(prompts, samples)
+
+        # 3. rewards, on decoded text
+        with t("reward"):
+            lengths = batch.mask.sum(-1).long().tolist()
+            responses = [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
+                         for ids, n in zip(batch.response_ids.tolist(), lengths)]
+            rows = [self.train_prompts.rows[idx[g]] for g in batch.group_ids.tolist()]
+            texts = [self.train_prompts.texts[idx[g]] for g in batch.group_ids.tolist()]
+            rewards = self.reward_fn(texts, responses, rows)
+            scores = torch.tensor(rewards.scores, dtype=torch.float32)
+
+        # 5. log-probs: old (the actor now), reference (if KL); check them against the engine's
+        with t("logprobs"):
+            old_logprobs = self.actor.logprobs(batch.prompt_ids, batch.response_ids, batch.mask)
+            ref_logprobs = None if self.ref is None else batched_logprobs(
+                self.ref, batch.prompt_ids, batch.response_ids, batch.mask, temperature=cfg.rollout.temperature,
+                pad_id=self.tokenizer.pad_token_id, max_tokens=cfg.train.max_tokens_per_microbatch)
+            sync_metrics |= verify_rollout_logprobs(batch, old_logprobs, cfg, self.tokenizer)
+
+        # 6. advantages
+        with t("advantages"):
+            advantages = ADVANTAGES[cfg.algo.estimator](scores=scores, group_ids=batch.group_ids, mask=batch.mask)
+
+        # 7. update
+        with t("update"):
+            actor_metrics = self.actor.update(TrainBatch(
+                prompt_ids=batch.prompt_ids, response_ids=batch.response_ids, mask=batch.mask,
+                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages))
+
+        # 8. record
+        lengths = batch.mask.sum(-1)
+        accuracy = next(iter(rewards.components.values()))
+        self._last = (idx, texts, responses, rewards.scores)
+        return {
+            "reward/mean": scores.mean().item(), "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
+            "reward/accuracy": float(np.mean(accuracy)), **rewards.metrics,
+            "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
+            "response/clipped_ratio": batch.is_truncated.float().mean().item(),
+            **actor_metrics, **sync_metrics,
+            "data/epoch": float(self.sampler.epoch), "perf/generated_tokens": lengths.sum().item(),
+        }
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, tracker: Tracker) -> dict:
+        cfg = self.cfg.trainer
+        if self.eval_before is None and self.eval_prompts is not None:
+            self.eval_before = self.evaluate()
+            tracker.log(self.step, {f"eval/{k}": v for k, v in self.eval_before.items()})
+            print(f"held-out accuracy before RL: {self.eval_before['accuracy']:.3f}", file=sys.stderr)
+        start = time.perf_counter()
+        while self.step < cfg.total_steps:
+            step_start = time.perf_counter()
+            metrics = self.rl_step()
+            self.step += 1
+            seconds = time.perf_counter() - step_start
+            metrics |= self.timer.pop() | {"timing/step": seconds}
+            metrics["perf/tokens_per_s"] = metrics.pop("perf/generated_tokens") / max(metrics["timing/generate"], 1e-9)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.eval_prompts is not None:
+                metrics |= {f"eval/{k}": v for k, v in self.evaluate().items()}
+            if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
+                tracker.log(self.step, metrics, extra={"prompt_indices": self._last[0]})
+                tracker.progress(self.step, metrics)
+            if cfg.sample_text_every and self.step % cfg.sample_text_every == 0:
+                tracker.text(self.step, "samples", self._samples_markdown())
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.total_steps:
+                self.save()
+        summary = {"steps": self.step, "train_seconds": time.perf_counter() - start}
+        if self.eval_prompts is not None:
+            after = self.evaluate()
+            tracker.log(self.step, {f"eval/{k}": v for k, v in after.items()})
+            summary |= {"eval_before": self.eval_before, "eval_after": after}
+        return summary
+
+    def evaluate(self) -> dict[str, float]:
+        sync_weights(self.actor.model, self.engine, bucket_mb=self.cfg.rollout.sync_bucket_mb)
+        return evaluate(self.engine, self.reward_fn, self.eval_prompts, self.tokenizer,
+                        max_new_tokens=self.cfg.rollout.max_new_tokens, stop_token_ids=self.sampling.stop_token_ids)
+
+    def _samples_markdown(self, k: int = 4) -> str:
+        _, texts, responses, scores = self._last
+        rows = [f"| {p!r} | {r!r} | {s:.3f} |" for p, r, s in list(zip(texts, responses, scores))[:k]]
+        return "| prompt | response | reward |\n|---|---|---|\n" + "\n".join(rows)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(
+            self.run_dir, self.step, model=self.actor.model, tokenizer=self.tokenizer,
+            optimizer=self.actor.optimizer, scheduler=self.actor.scheduler,
+            data_state={**self.sampler.state_dict(), "eval_before": self.eval_before},
+            config_yaml=to_yaml(self.cfg), keep_last=self.cfg.trainer.keep_last)
+
+    def resume(self, folder: Path) -> None:
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(folder / "model", local_files_only=True)
+        self.actor.model.load_state_dict(saved.state_dict())
+        state = ckpt.load_trainer_state(folder, optimizer=self.actor.optimizer, scheduler=self.actor.scheduler)
+        self.eval_before = state["data"].pop("eval_before")
+        self.sampler.load_state_dict(state["data"])
+        self.step = state["step"]
+
+    def close(self) -> None:
+        self.reward_fn.close()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def stop_token_ids(tokenizer, stops: list[str]) -> list[int]:
+    ids = []
+    for i, s in enumerate(stops):
+        toks = tokenizer(s, add_special_tokens=False)["input_ids"]
+        if len(toks) != 1:
+            raise ValueError(f"rollout.stop[{i}]={s!r} is {len(toks)} tokens; each stop string must be one token")
+        ids += toks
+    return ids
+
+
+def _frozen(model):
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

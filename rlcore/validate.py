@@ -1,0 +1,133 @@
+"""Cross-field rules, checked once before any model loads. Each error names the key to change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlcore.config import RLConfig
+from rlcore.models import DTYPES
+from rlcore.recipe import ConfigError
+from rlcore.tasks import TASKS
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes derived from the config, computed once here (units in the names)."""
+
+    world_size: int
+    prompts_per_rank: int
+    seqs_per_step: int
+    """All ranks: prompts_per_step x samples_per_prompt."""
+    seqs_per_minibatch_per_rank: int
+    device: str
+
+
+def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
+    """Raise ConfigError listing every broken rule, or return the derived sizes."""
+    from algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+    from rollout import ENGINES
+
+    errors: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            errors.append(msg)
+
+    def one_of(key: str, value, valid) -> None:
+        need(value in valid, f"{key}={value!r} is not one of {sorted(valid)}")
+
+    m, d, r, a, t, tr = cfg.model, cfg.data, cfg.rollout, cfg.algo, cfg.train, cfg.trainer
+    # --- model and data
+    one_of("model.dtype", m.dtype, DTYPES)
+    if m.path is not None:
+        need(Path(m.path, "config.json").is_file(),
+             f"model.path={m.path!r} is not a local Hugging Face checkpoint folder (no config.json)")
+    else:
+        one_of("model.tiny.family", m.tiny.family, {"qwen2", "llama"})
+        need(m.tiny.hidden_size % m.tiny.num_heads == 0, "model.tiny.hidden_size must divide by model.tiny.num_heads")
+        need(m.tiny.num_heads % m.tiny.num_kv_heads == 0, "model.tiny.num_heads must divide by model.tiny.num_kv_heads")
+    need(m.warmstart.steps >= 0, "model.warmstart.steps must be >= 0")
+    for key in ("train_files", "eval_files"):
+        for f in getattr(d, key):
+            need(Path(f).exists(), f"data.{key}: file {f!r} does not exist")
+    if not d.train_files:
+        one_of("data.task.name", d.task.name, TASKS)
+        need(d.task.num_train > 0 and d.task.num_eval >= 0, "data.task.num_train must be > 0")
+    need(d.max_prompt_tokens > 0, "data.max_prompt_tokens must be > 0")
+    # --- rollout
+    one_of("rollout.engine", r.engine, ENGINES)
+    one_of("rollout.mode", r.mode, {"auto", "generate", "paged"})
+    need(r.samples_per_prompt >= 2,
+         f"rollout.samples_per_prompt={r.samples_per_prompt}: group-relative advantages need at least 2 "
+         "samples per prompt (a single sample always gets advantage 0)")
+    need(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
+    need(r.temperature > 0,
+         f"rollout.temperature={r.temperature}: RL sampling needs temperature > 0 (greedy groups are identical)")
+    need(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
+    need(r.top_k >= 0, f"rollout.top_k={r.top_k} must be >= 0 (0 = off)")
+    need(r.sync_bucket_mb > 0, "rollout.sync_bucket_mb must be > 0")
+    # --- algorithm
+    one_of("algo.estimator", a.estimator, ADVANTAGES)
+    one_of("algo.policy_loss.name", a.policy_loss.name, POLICY_LOSSES)
+    one_of("algo.aggregation", a.aggregation, AGGREGATIONS)
+    one_of("algo.kl.estimator", a.kl.estimator, KL_ESTIMATORS)
+    need(0 <= a.policy_loss.clip_low < 1, f"algo.policy_loss.clip_low={a.policy_loss.clip_low} must be in [0, 1)")
+    need(a.policy_loss.clip_high >= 0, "algo.policy_loss.clip_high must be >= 0")
+    dual = a.policy_loss.dual_clip
+    need(dual is None or dual > 1, f"algo.policy_loss.dual_clip={dual} must be > 1 (or unset)")
+    need(a.kl.coef >= 0, "algo.kl.coef must be >= 0 (0 = off)")
+    # --- rewards: names resolve and user files exist, before any model loads
+    need(len(cfg.reward.terms) > 0, "reward.terms is empty; name at least one reward")
+    errors += _reward_errors(cfg)
+    need(cfg.reward.timeout_s > 0 and cfg.reward.num_workers >= 1,
+         "reward.timeout_s must be > 0 and reward.num_workers >= 1")
+    # --- batch sizes
+    need(tr.nproc == 1 and world_size == 1,
+         f"trainer.nproc={tr.nproc}: multi-process training is not available yet; set trainer.nproc=1")
+    need(t.prompts_per_step >= 1 and t.prompts_per_step % world_size == 0,
+         f"train.prompts_per_step={t.prompts_per_step} must be a positive multiple of the rank count {world_size}")
+    seqs_per_rank = t.prompts_per_step // max(world_size, 1) * r.samples_per_prompt
+    need(t.minibatches_per_step >= 1 and seqs_per_rank % t.minibatches_per_step == 0,
+         f"train.minibatches_per_step={t.minibatches_per_step} must divide the {seqs_per_rank} samples per "
+         "step and rank (prompts_per_step / ranks x samples_per_prompt)")
+    need(t.epochs_per_step >= 1, "train.epochs_per_step must be >= 1")
+    need(t.lr > 0, "train.lr must be > 0")
+    need(t.warmup_steps >= 0 and t.weight_decay >= 0 and t.max_grad_norm >= 0,
+         "train.warmup_steps, train.weight_decay and train.max_grad_norm must be >= 0")
+    need(t.max_tokens_per_microbatch >= d.max_prompt_tokens + r.max_new_tokens,
+         f"train.max_tokens_per_microbatch={t.max_tokens_per_microbatch} must hold one full sequence "
+         f"(data.max_prompt_tokens + rollout.max_new_tokens = {d.max_prompt_tokens + r.max_new_tokens})")
+    # --- trainer
+    need(tr.total_steps >= 1, "trainer.total_steps must be >= 1")
+    need(tr.resume in ("auto", "never") or Path(tr.resume).is_dir(),
+         f"trainer.resume={tr.resume!r}: use auto, never, or an existing checkpoint folder")
+    need(tr.save_every >= 0 and tr.keep_last >= 1, "trainer.save_every must be >= 0 and trainer.keep_last >= 1")
+    need(tr.log_every >= 1 and tr.eval_every >= 0 and tr.sample_text_every >= 0,
+         "trainer.log_every must be >= 1; trainer.eval_every and trainer.sample_text_every >= 0")
+    one_of("trainer.device", tr.device, {"auto", "cpu", "cuda"})
+    need(tr.device != "cuda" or torch.cuda.is_available(), "trainer.device=cuda but no CUDA device is visible")
+    if errors:
+        raise ConfigError("invalid config:\n" + "\n".join(f"  - {e}" for e in errors))
+    device = "cuda" if tr.device == "cuda" or (tr.device == "auto" and torch.cuda.is_available()) else "cpu"
+    return Plan(
+        world_size=world_size,
+        prompts_per_rank=t.prompts_per_step // world_size,
+        seqs_per_step=t.prompts_per_step * r.samples_per_prompt,
+        seqs_per_minibatch_per_rank=seqs_per_rank // t.minibatches_per_step,
+        device=device,
+    )
+
+
+def _reward_errors(cfg: RLConfig) -> list[str]:
+    from rewards import resolve_reward
+
+    errors = []
+    for i, term in enumerate(cfg.reward.terms):
+        try:
+            resolve_reward(term.name)
+        except Exception as e:  # unknown name, missing file, missing function: all config errors
+            errors.append(f"reward.terms[{i}].name={term.name!r}: {e}")
+    return errors
