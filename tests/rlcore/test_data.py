@@ -1,0 +1,96 @@
+"""Data loading errors, prompt handling, synthetic tasks and the resumable sampler."""
+
+import pytest
+
+from conftest import write_jsonl
+from rlcore.config import DataConfig, TaskConfig
+from rlcore.data import DataError, PromptSampler, load_prompts, read_rows, tokenize_prompts
+from rlcore.models import char_tokenizer
+from rlcore.tasks import Arithmetic
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def test_missing_prompt_field_names_file_row_and_key(tmp_path, tok):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"question": "2+2=", "answer": "4"}])
+    cfg = DataConfig(train_files=[str(f)])
+    with pytest.raises(DataError) as e:
+        load_prompts(cfg, tok, seed=0)
+    msg = str(e.value)
+    assert "d.jsonl" in msg and "row 1" in msg and "'prompt'" in msg and "data.prompt_key" in msg
+
+
+def test_missing_reward_field_names_row(tmp_path, tok):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}])
+    with pytest.raises(DataError, match=r"row 1.*'answer'"):
+        load_prompts(DataConfig(train_files=[str(f)]), tok, seed=0)
+
+
+def test_long_prompts_dropped_and_counted(tmp_path, tok):
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "9" * 50, "answer": "x"}, {"prompt": "3+4=", "answer": "7"}]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    train, evals = load_prompts(DataConfig(train_files=[str(f)], max_prompt_tokens=10), tok, seed=0)
+    assert evals is None and len(train) == 2 and train.num_dropped == 1
+    assert train.texts == ["1+1=", "3+4="] and train.token_ids[0] == tok("1+1=")["input_ids"]
+
+
+def test_chat_messages_use_the_template(tmp_path, tok):
+    f = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "1+1="}], "answer": "2"}])
+    train, _ = load_prompts(DataConfig(train_files=[str(f)], messages_key="messages"), tok, seed=0)
+    assert train.texts == ["user: 1+1=\nassistant: "]
+
+
+def test_prompt_with_chat_template_flag(tmp_path, tok):
+    train = tokenize_prompts([{"prompt": "hi", "answer": "x"}], tok, DataConfig(apply_chat_template=True), "t")
+    assert train.texts == ["user: hi\nassistant: "]
+
+
+def test_parquet_and_missing_file(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_list([{"prompt": "a", "answer": "b"}]).to_parquet(str(tmp_path / "d.parquet"))
+    assert read_rows(str(tmp_path / "d.parquet")) == [{"prompt": "a", "answer": "b"}]
+    with pytest.raises(DataError, match="nope.jsonl"):
+        read_rows(str(tmp_path / "nope.jsonl"))
+
+
+def test_arithmetic_eval_split_is_disjoint_and_correct():
+    task = Arithmetic(num_digits=2, ops="+-*")
+    train, evals = task.rows("train", 3000, seed=0), task.rows("eval", 200, seed=0)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+    for r in train[:200]:
+        assert int(r["answer"]) == eval(r["prompt"][:-1]) >= 0
+    assert task.rows("train", 50, seed=0) == train[:50]  # deterministic
+
+
+def test_synthetic_task_through_load_prompts(tok):
+    cfg = DataConfig(task=TaskConfig(num_digits=3, num_train=100, num_eval=20))
+    train, evals = load_prompts(cfg, tok, seed=0)
+    assert len(train) == 100 and len(evals) == 20 and all("answer" in r for r in train.rows)
+
+
+def test_sampler_covers_each_epoch_once_and_resumes_exactly():
+    s = PromptSampler(10, seed=3)
+    first_epoch = s.next_batch(4) + s.next_batch(4) + s.next_batch(2)
+    assert sorted(first_epoch) == list(range(10))
+    s.next_batch(3)
+    state = s.state_dict()
+    expected = [s.next_batch(4) for _ in range(5)]
+    resumed = PromptSampler(10, seed=3)
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch(4) for _ in range(5)] == expected
+
+
+def test_sampler_rank_slices_partition_the_global_batch():
+    ranks = [PromptSampler(20, seed=0, rank=r, world_size=2) for r in range(2)]
+    single = PromptSampler(20, seed=0)
+    assert ranks[0].next_batch(8) + ranks[1].next_batch(8) == single.next_batch(8)
+
+
+def test_sampler_refuses_state_of_other_data():
+    s = PromptSampler(10, seed=0)
+    with pytest.raises(DataError, match="same data"):
+        s.load_state_dict({"epoch": 0, "position": 3, "num_prompts": 11})
