@@ -22,7 +22,8 @@ class RewardResult:
     """Scores for a batch of B samples.
 
     scores: (B,) sum over components of weight * component score.
-    components: component key -> (B,) unweighted scores; key = reward name, or
+    components: component key -> (B,) unweighted scores; key = reward name (file.fn for a
+    python: reward), or
         name_<i> for the i-th spec when an earlier spec has the same name.
     metrics: reward/<key>/mean, reward/<key>/errors, reward/<key>/timeouts (sample counts).
     """
@@ -56,7 +57,9 @@ class CompositeReward:
             worker_names.append(canonical_user_name(name) if name.startswith(USER_PREFIX) else name)
             self.weights.append(weight)
             kwargs_list.append(kwargs)
-            self.keys.append(f"{name}_{i}" if name in [s[0] for s in specs[:i]] else name)
+            # python:dir/file.py:fn logs as file.fn: a path makes an unreadable TensorBoard tag.
+            short = _short_name(name)
+            self.keys.append(f"{short}_{i}" if short in map(_short_name, [s[0] for s in specs[:i]]) else short)
         self._pool = WorkerPool(worker_names, kwargs_list, num_workers=num_workers, timeout_s=timeout_s)
 
     def __call__(
@@ -137,3 +140,10 @@ def _indexed(e: Exception, i: int) -> Exception:
         return type(e)(message)
     except Exception:  # exception types whose constructor wants other arguments
         return ValueError(f"{message} ({type(e).__name__})")
+
+
+def _short_name(name: str) -> str:
+    if not name.startswith(USER_PREFIX):
+        return name
+    path, _, fn = name[len(USER_PREFIX):].rpartition(":")
+    return f"{path.rsplit('/', 1)[-1].removesuffix('.py')}.{fn}"
