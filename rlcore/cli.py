@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip())
         return 0
     command, rest = argv[0], argv[1:]
+    _quiet_transformers()
     try:
         if command == "train":
             return train(rest)
@@ -39,6 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+def _quiet_transformers() -> None:
+    # Per-file load/save progress bars drown the training progress line.
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def train(args: list[str]) -> int:
     if "-h" in args or "--help" in args:
         print("rlcore train [RECIPE|PATH] [key=value ...]\n\nKeys (default) and what they do:")
@@ -48,9 +56,11 @@ def train(args: list[str]) -> int:
     recipe = args[0] if args and "=" not in args[0] else None
     overrides = args[1:] if recipe else args
     cfg, path = compose(recipe, overrides)
+    from rlcore.config import freeze
     from rlcore.validate import validate
 
     plan = validate(cfg)  # before any model loads
+    freeze(cfg)
     run_dir = Path(cfg.trainer.output_dir or f"runs/{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     resume_from = _resume_point(cfg.trainer.resume, run_dir)
     if resume_from is None and (run_dir / "hf").exists():

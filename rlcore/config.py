@@ -8,12 +8,35 @@ Cross-field rules live in `rlcore.validate`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 
+class _Node:
+    """Base of every config section: assignable while composing, read-only after `freeze`."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_is_frozen", False):
+            raise AttributeError(f"the config is frozen after validation; {type(self).__name__}.{name} cannot change")
+        object.__setattr__(self, name, value)
+
+
+def freeze(cfg: Any) -> Any:
+    """Make a validated config read-only, all the way down; returns it."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            freeze(value)
+        elif isinstance(value, list):
+            for item in value:
+                if is_dataclass(item):
+                    freeze(item)
+    object.__setattr__(cfg, "_is_frozen", True)
+    return cfg
+
+
 @dataclass
-class TinyModelConfig:
+class TinyModelConfig(_Node):
     family: str = "qwen2"
     """Shape of the built-in random-init model: qwen2 or llama."""
     hidden_size: int = 128
@@ -29,7 +52,7 @@ class TinyModelConfig:
 
 
 @dataclass
-class WarmstartConfig:
+class WarmstartConfig(_Node):
     steps: int = 0
     """Supervised steps on (prompt, answer) rows before RL (0 = none). Cached by content hash, so a
     second run reuses it; the reported RL gain is measured after it."""
@@ -42,7 +65,7 @@ class WarmstartConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Node):
     path: Optional[str] = None
     """Local Hugging Face checkpoint folder (model and tokenizer). Unset: build the tiny model
     described by model.tiny and a character tokenizer (nothing is downloaded, ever)."""
@@ -59,7 +82,7 @@ class ModelConfig:
 
 
 @dataclass
-class TaskConfig:
+class TaskConfig(_Node):
     name: str = "arithmetic"
     """Built-in synthetic task (see `rlcore ls`), used when data.train_files is empty."""
     num_digits: int = 2
@@ -73,7 +96,7 @@ class TaskConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Node):
     train_files: list[str] = field(default_factory=list)
     """Local jsonl / json / parquet / csv files or a `datasets.save_to_disk` folder. Empty: the
     built-in synthetic task data.task."""
@@ -98,7 +121,7 @@ class DataConfig:
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(_Node):
     engine: str = "hf"
     """Generation backend (see `rlcore ls`)."""
     mode: str = "auto"
@@ -122,7 +145,7 @@ class RolloutConfig:
 
 
 @dataclass
-class PolicyLossConfig:
+class PolicyLossConfig(_Node):
     name: str = "vanilla"
     """Policy loss (see `rlcore ls`)."""
     clip_low: float = 0.2
@@ -134,7 +157,7 @@ class PolicyLossConfig:
 
 
 @dataclass
-class KLConfig:
+class KLConfig(_Node):
     coef: float = 0.0
     """Weight of the KL loss against the frozen reference model (0 = off, no reference kept)."""
     estimator: str = "k3"
@@ -142,7 +165,7 @@ class KLConfig:
 
 
 @dataclass
-class AlgoConfig:
+class AlgoConfig(_Node):
     estimator: str = "grpo"
     """Advantage estimator (see `rlcore ls`): grpo (group-normalised), drgrpo (no std scaling)."""
     policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
@@ -156,7 +179,7 @@ class AlgoConfig:
 
 
 @dataclass
-class RewardTerm:
+class RewardTerm(_Node):
     name: str = "exact"
     """Reward function (see `rlcore ls`), or python:path/to/file.py:fn for your own."""
     weight: float = 1.0
@@ -166,7 +189,7 @@ class RewardTerm:
 
 
 @dataclass
-class RewardConfig:
+class RewardConfig(_Node):
     terms: list[RewardTerm] = field(default_factory=lambda: [RewardTerm()])
     """Weighted reward terms; each is logged as reward/<name>/mean. The first is the accuracy."""
     timeout_s: float = 10.0
@@ -176,7 +199,7 @@ class RewardConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Node):
     prompts_per_step: int = 16
     """Prompts per RL step (all ranks); each gets rollout.samples_per_prompt samples."""
     minibatches_per_step: int = 1
@@ -196,7 +219,7 @@ class TrainConfig:
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(_Node):
     total_steps: int = 100
     """RL steps to run."""
     seed: int = 0
@@ -225,7 +248,7 @@ class TrainerConfig:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(_Node):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -104,3 +104,15 @@ def test_reference_config_is_current():
     python -c "from rlcore.recipe import to_yaml; from rlcore.config import RLConfig; print(to_yaml(RLConfig()), end='')" > docs/reference_config.yaml
     """
     assert (REPO / "docs" / "reference_config.yaml").read_text() == to_yaml(RLConfig())
+
+
+def test_config_is_frozen_after_validation():
+    from rlcore.config import freeze
+
+    cfg, _ = compose(None, [])
+    validate(cfg)
+    freeze(cfg)
+    with pytest.raises(AttributeError, match="frozen"):
+        cfg.train.lr = 1.0
+    with pytest.raises(AttributeError, match="frozen"):
+        cfg.reward.terms[0].weight = 2.0

@@ -84,15 +84,19 @@ def test_sigkill_then_resume_continues_without_repeating_or_skipping_data(tmp_pa
 
 
 def test_local_model_and_jsonl(tmp_path, saved_model):
+    """The grpo_math_jsonl recipe on a locally saved Qwen2 and Llama model and a jsonl (KL loss on)."""
+    train = write_jsonl(tmp_path / "train.jsonl", [{"question": f"{a}+{a}=", "answer": str(2 * a)} for a in range(40)])
+    evals = write_jsonl(tmp_path / "eval.jsonl", [{"question": f"{a}+1=", "answer": str(a + 1)} for a in range(8)])
     for family in ("qwen2", "llama"):
-        train = write_jsonl(tmp_path / "train.jsonl", [{"question": f"{a}+{a}=", "answer": str(2 * a)} for a in range(40)])
-        evals = write_jsonl(tmp_path / "eval.jsonl", [{"question": f"{a}+1=", "answer": str(a + 1)} for a in range(8)])
         run = tmp_path / f"run-{family}"
-        proc = run_cli("train", "quickstart", f"model.path={saved_model(family)}", f"data.train_files=[{train}]",
-                       f"data.eval_files=[{evals}]", "data.prompt_key=question", "model.warmstart.steps=0",
-                       "train.prompts_per_step=4", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=4",
-                       "trainer.total_steps=2", f"trainer.output_dir={run}", cwd=tmp_path)
+        proc = run_cli("train", "grpo_math_jsonl", f"model.path={saved_model(family)}", "model.dtype=float32",
+                       f"data.train_files=[{train}]", f"data.eval_files=[{evals}]", "train.prompts_per_step=4",
+                       "train.minibatches_per_step=2", "rollout.samples_per_prompt=4", "rollout.max_new_tokens=8",
+                       "train.max_tokens_per_microbatch=600", "trainer.total_steps=2", f"trainer.output_dir={run}",
+                       cwd=tmp_path)
         assert "held-out accuracy" in proc.stdout
+        metrics = read_metrics(run)
+        assert any("actor/kl" in m for m in metrics) and any("reward/math/mean" in m for m in metrics)
         assert AutoModelForCausalLM.from_pretrained(run / "hf").config.model_type == family
 
 
