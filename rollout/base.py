@@ -1,0 +1,117 @@
+"""The rollout protocol: sampling parameters, one generated sample, the engine interface, the registry.
+
+Every backend (``hf`` here, ``vllm`` later) takes token ids in and gives token ids, per-token
+log-probs and a finish reason out; tokenisation and chat templates stay with the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. Same meaning as vLLM's fields of the same name.
+
+    Filters apply in vLLM's order: logits / temperature, then top-k, then top-p.
+    ``temperature == 0`` means greedy decoding (argmax of the raw logits); top-k/top-p cannot
+    change an argmax, so they are ignored then.
+    """
+
+    n: int = 1
+    """Samples per prompt."""
+    max_new_tokens: int = 256
+    """Most tokens generated per sample, the stop token included."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p; 1 = off."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 = off."""
+    stop_token_ids: tuple[int, ...] = field(default=())
+    """Token ids that end a sample, in addition to the engine's eos ids."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.n < 1:
+            problems.append(f"n={self.n} must be >= 1")
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            problems.append(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            problems.append(f"top_k={self.top_k} must be >= 0 (0 = off)")
+        if problems:
+            raise ValueError("invalid SamplingParams: " + "; ".join(problems))
+        # A list would make the frozen dataclass unhashable; accept it and store a tuple.
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated continuation of one prompt."""
+
+    token_ids: list[int]
+    """Generated tokens, including the eos/stop token if one ended the sample."""
+    logprobs: list[float]
+    """Same length as token_ids: log-prob of each sampled token under the distribution it was sampled
+    from ("processed" mode: log_softmax(logits / temperature) after top-k/top-p masking, i.e. renormalised
+    over the kept tokens). Greedy (temperature 0): log_softmax(logits)[argmax], the raw T=1 distribution."""
+    finish_reason: str
+    """"stop" (the last token is an eos/stop token) or "length" (max_new_tokens reached without one)."""
+
+
+class Engine(Protocol):
+    """What the trainer drives. Call order per RL step: wake, load_weights, generate, sleep."""
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Sample]]:
+        """prompts: token ids, any lengths -> result[i] = the sampling.n samples of prompts[i]."""
+        ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy full tensors named as in the model's Hugging Face state_dict into the engine, streaming."""
+        ...
+
+    def sleep(self) -> None:
+        """Release the engine's device memory until wake()."""
+        ...
+
+    def wake(self) -> None:
+        """Bring the engine's weights back to its device."""
+        ...
+
+
+ENGINES: dict[str, type] = {}
+"""Engine backends by name (the value of rollout.engine in a recipe)."""
+
+_T = TypeVar("_T", bound=type)
+
+
+def register(name: str) -> Callable[[_T], _T]:
+    """Class decorator: ENGINES[name] = cls. A second class under the same name is a bug, so it raises."""
+
+    def add(cls: _T) -> _T:
+        if name in ENGINES:
+            raise ValueError(f"engine {name!r} already registered as {ENGINES[name].__qualname__}")
+        ENGINES[name] = cls
+        return cls
+
+    return add
+
+
+def get_engine(name: str) -> type:
+    """ENGINES[name], with an error that lists the valid names."""
+    try:
+        return ENGINES[name]
+    except KeyError:
+        raise KeyError(f"unknown rollout engine {name!r}; registered: {sorted(ENGINES)}") from None
