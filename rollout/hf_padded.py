@@ -74,7 +74,7 @@ def _generation_config(sampling: SamplingParams, stop_ids: list[int], pad_token_
         max_new_tokens=sampling.max_new_tokens,
         do_sample=not sampling.is_greedy,
         temperature=1.0,
-        top_k=0,
+        top_k=None if sampling.is_greedy else 0,  # greedy: any top_k value draws a "flag ignored" warning
         top_p=1.0,
         min_p=None,
         typical_p=1.0,
