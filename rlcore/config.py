@@ -54,8 +54,11 @@ class TinyModelConfig(_Node):
 @dataclass
 class WarmstartConfig(_Node):
     steps: int = 0
-    """Supervised steps on (prompt, answer) rows before RL (0 = none). Cached by content hash, so a
-    second run reuses it; the reported RL gain is measured after it."""
+    """Most supervised steps on (prompt, answer) rows before RL (0 = none). Cached by content hash,
+    so a second run reuses it; the reported RL gain is measured after it."""
+    until_accuracy: float = 0.0
+    """Stop the warm start early once greedy accuracy on training prompts reaches this (0 = run all
+    steps); checked every 100 steps."""
     lr: float = 1e-3
     """Learning rate of the supervised warm start."""
     batch_size: int = 64
@@ -167,7 +170,7 @@ class KLConfig(_Node):
 @dataclass
 class AlgoConfig(_Node):
     estimator: str = "grpo"
-    """Advantage estimator (see `rlcore ls`): grpo (group-normalised), drgrpo (no std scaling)."""
+    """Advantage estimator (see `rlcore ls`), e.g. grpo (group-normalised), drgrpo (no std scaling), rloo."""
     policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     """Clipped surrogate settings."""
     aggregation: str = "token-mean"

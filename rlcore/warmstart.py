@@ -30,9 +30,16 @@ def cache_key(parts: dict) -> str:
 
 
 def supervised_warmstart(model, tokenizer, prompts: Prompts, *, steps: int, lr: float, batch_size: int,
-                         target_key: str, seed: int, device: str) -> None:
-    """`steps` AdamW steps of next-token loss on row[target_key] + EOS after each prompt (in place)."""
+                         target_key: str, until_accuracy: float, seed: int, device: str) -> None:
+    """AdamW steps of next-token loss on row[target_key] + EOS after each prompt (in place).
+
+    Runs `steps` steps, or stops early once greedy exact-match accuracy on a fixed sample of
+    *training* prompts (checked every 100 steps) reaches `until_accuracy` (0 = never). Stopping at an
+    accuracy rather than a step count makes the starting point of RL the same whatever the seed or
+    the torch build, which changes how fast a tiny model picks the task up.
+    """
     rng = random.Random(seed)
+    probe = random.Random(seed + 1).sample(range(len(prompts)), min(256, len(prompts)))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id
@@ -56,8 +63,34 @@ def supervised_warmstart(model, tokenizer, prompts: Prompts, *, steps: int, lr: 
         loss.backward()
         opt.step()
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            print(f"warm start {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - start:.0f}s)",
+            accuracy = train_accuracy(model, tokenizer, prompts, probe, target_key) if until_accuracy else None
+            note = f", train accuracy {accuracy:.3f}" if accuracy is not None else ""
+            print(f"warm start {step + 1}/{steps}: loss {loss.item():.3f}{note} ({time.perf_counter() - start:.0f}s)",
                   file=sys.stderr, flush=True)
+            if accuracy is not None and accuracy >= until_accuracy:
+                break
+
+
+@torch.no_grad()
+def train_accuracy(model, tokenizer, prompts: Prompts, idx: list[int], target_key: str) -> float:
+    """Greedy exact-match accuracy on the training prompts `idx` (left-padded batch generate)."""
+    model.eval()
+    device = next(model.parameters()).device
+    rows = [prompts.token_ids[i] for i in idx]
+    L = max(map(len, rows))
+    input_ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros(len(rows), L, dtype=torch.long)
+    for b, r in enumerate(rows):
+        input_ids[b, L - len(r):] = torch.tensor(r)
+        attention[b, L - len(r):] = 1
+    answers = [str(prompts.rows[i][target_key]).strip() for i in idx]
+    max_new = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers) + 1
+    out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), do_sample=False,
+                         max_new_tokens=max_new, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    texts = tokenizer.batch_decode(out[:, L:], skip_special_tokens=True)
+    model.train()
+    return sum(t.strip() == a for t, a in zip(texts, answers)) / len(idx)
 
 
 def cached_warmstart(model, tokenizer, prompts: Prompts, key_parts: dict, **kwargs):

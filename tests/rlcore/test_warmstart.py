@@ -1,0 +1,32 @@
+"""The supervised warm start: stops at the accuracy asked for, and is cached."""
+
+import torch
+
+from rlcore.data import tokenize_prompts
+from rlcore.config import DataConfig
+from rlcore.models import char_tokenizer, tiny_model
+from rlcore.warmstart import cache_root, cached_warmstart, train_accuracy
+
+
+def setup():
+    tok = char_tokenizer()
+    rows = [{"prompt": f"{a}?", "answer": "7"} for a in range(50)]  # one constant answer: learnt in a few steps
+    prompts = tokenize_prompts(rows, tok, DataConfig(), "test")
+    model = tiny_model(len(tok), hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    return tok, prompts, model
+
+
+def test_stops_early_at_target_accuracy_and_caches(capsys):
+    tok, prompts, model = setup()
+    assert train_accuracy(model, tok, prompts, list(range(50)), "answer") == 0.0
+    key = {"test": "constant-answer"}
+    kwargs = dict(steps=5000, lr=3e-3, batch_size=16, target_key="answer", until_accuracy=0.9, seed=0, device="cpu")
+    trained = cached_warmstart(model, tok, prompts, key, **kwargs)
+    assert train_accuracy(trained, tok, prompts, list(range(50)), "answer") >= 0.9
+    log = capsys.readouterr().err
+    assert "train accuracy" in log and "5000/5000" not in log  # stopped long before the step limit
+    assert any(cache_root().glob("warmstart/*/config.json"))
+    again = cached_warmstart(setup()[2], tok, prompts, key, **kwargs)  # a fresh model: served from the cache
+    assert "reusing" in capsys.readouterr().err
+    for a, b in zip(trained.state_dict().values(), again.state_dict().values()):
+        torch.testing.assert_close(a, b)
