@@ -1,7 +1,8 @@
 """Advantage estimators: per-sequence scores -> per-token advantages (B, T).
 
 Every entry of ADVANTAGES is called as fn(scores=..., group_ids=..., mask=..., **kwargs), so the
-trainer never branches on the estimator name.
+trainer never branches on the estimator name. Estimators on per-token rewards with a different
+signature (GAE, REINFORCE++) live unregistered in algos/gae.py.
 """
 
 import torch
@@ -66,3 +67,23 @@ def drgrpo_advantages(scores: Tensor, group_ids: Tensor, mask: Tensor) -> Tensor
     grpo_advantages(norm_by_std=False); a registered name so a recipe can choose it directly.
     """
     return grpo_advantages(scores, group_ids, mask, norm_by_std=False)
+
+
+@register(ADVANTAGES, "rloo")
+def rloo_advantages(scores: Tensor, group_ids: Tensor, mask: Tensor) -> Tensor:
+    """RLOO advantage (Kool et al. 2019; Ahmadian et al., arXiv 2402.14740): leave-one-out baseline
+
+        Â_{i,t} = r_i − 1/(G−1) Σ_{j≠i} r_j  =  G/(G−1) · (r_i − mean(r))
+
+    scores (B,), group_ids (B,), mask (B, T) -> advantages (B, T). Differs from GRPO by using the
+    mean of the OTHER samples as baseline (so the baseline is independent of r_i and the estimator
+    unbiased) and by not dividing by std; it is Dr.GRPO scaled by G/(G−1), group by group.
+    Same group rules as grpo_advantages: a single-sample group gets 0, a constant group
+    (std < CONSTANT_STD_TOL) an exact 0. Differs from verl `compute_rloo_outcome_advantage`,
+    which leaves a singleton's raw score r_i as its advantage.
+    """
+    mean, std, count = _group_stats(scores, group_ids)  # each (B,), float64
+    adv = count / (count - 1).clamp(min=1) * (scores.to(torch.float64) - mean)
+    adv = torch.where((count > 1) & (std >= CONSTANT_STD_TOL), adv, torch.zeros_like(adv))
+    out_dtype = torch.promote_types(scores.dtype, torch.float32)
+    return adv.to(out_dtype).unsqueeze(-1) * mask.to(out_dtype)  # (B, 1) * (B, T) -> (B, T)

@@ -9,6 +9,8 @@ gradients. With the defaults (None) the denominators are local, which is the sin
 Every mode accepts all three counts and ignores the ones it does not use, so the trainer can pass
 the same counts whatever mode the recipe names (config validation, not this module, is the place
 to reject a `norm_len` set for a mode that ignores it).
+
+Also home of the masked statistics the other modules share: masked_mean and masked_whiten.
 """
 
 import torch
@@ -29,6 +31,30 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     if dim is None:
         return (x * m).sum() / (m.sum() + 1e-8)
     return (x * m).sum(dim) / (m.sum(dim) + 1e-8)
+
+
+@torch.no_grad()
+def masked_whiten(values: Tensor, mask: Tensor, *, shift_mean: bool = True) -> Tensor:
+    """(x − μ) · rsqrt(σ² + 1e-8) over the masked elements (spec §1.3, verl/TRL `masked_whiten`).
+
+    values, mask: (B, T) -> (B, T). μ = masked_mean, σ² = masked mean of (x − μ)² × N/(N − 1)
+    (unbiased, N = Σ mask); shift_mean=False adds μ back (TRL reward whitening). Used on advantages
+    over the whole training batch. Raises ValueError if N ≤ 1 (the unbiased variance is undefined).
+    Differs from verl on purpose: masked positions come back as exactly 0 (verl leaves the non-zero
+    whitened padding in place, spec §1 pitfalls), and masked inputs never enter the sums, so inf/NaN
+    padding cannot leak in. No gradient: whitened advantages are constants of the loss.
+    """
+    is_valid = mask.bool()
+    x = torch.where(is_valid, values, 0.0)  # padding may hold garbage; x·m would turn inf into NaN
+    n = is_valid.sum()
+    if n.item() <= 1:
+        raise ValueError(f"masked_whiten needs at least 2 masked-in elements for an unbiased variance, got {n.item()}")
+    mean = masked_mean(x, is_valid)
+    var = masked_mean((x - mean).square(), is_valid) * n / (n - 1)  # Bessel correction, as verl masked_var
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(is_valid, out, 0.0)
 
 
 def _denominator(count: Count, local: Tensor) -> Tensor:

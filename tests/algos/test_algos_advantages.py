@@ -1,9 +1,9 @@
-"""GRPO / Dr.GRPO advantages: hand-computed values (spec §10) and vectorised-vs-loop equivalence."""
+"""GRPO / Dr.GRPO / RLOO advantages: hand-computed values (spec §10) and vectorised-vs-loop equivalence."""
 
 import pytest
 import torch
 
-from algos import ADVANTAGES, grpo_advantages
+from algos import ADVANTAGES, grpo_advantages, rloo_advantages
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -107,3 +107,48 @@ def test_grpo_without_std_equals_drgrpo_entry():
     mask = torch.rand(32, 5, generator=g) > 0.3
     expected = grpo_advantages(scores, ids, mask, norm_by_std=False)
     assert torch.equal(ADVANTAGES["drgrpo"](scores=scores, group_ids=ids, mask=mask), expected)
+
+
+# ---- RLOO ----------------------------------------------------------------------------------------
+
+def test_rloo_hand_values_and_singleton():
+    # Group 0: r = [1,0,0,0], A_i = r_i − mean of the other three:
+    #   1 − 0 = 1;  0 − (1+0+0)/3 = −1/3   (= 4/3 · (r − 0.25) = [1, −1/3, −1/3, −1/3]).
+    # Group 7: r = [2, 5] -> [2 − 5, 5 − 2] = [−3, 3]. Group 9 is a singleton -> 0 (verl would keep r = 4).
+    scores = torch.tensor([1.0, 0.0, 2.0, 0.0, 0.0, 5.0, 4.0])
+    ids = torch.tensor([0, 0, 7, 0, 0, 7, 9])
+    mask = torch.tensor([[1, 1]] * 6 + [[1, 0]])
+    expected = torch.tensor([1.0, -1 / 3, -3.0, -1 / 3, -1 / 3, 3.0, 0.0])[:, None] * mask
+    torch.testing.assert_close(rloo_advantages(scores, ids, mask), expected, **TOL)
+
+
+def _rloo_reference_loop(scores, ids, mask):
+    """Leave-one-out by definition: each sample minus the mean of the rest of its group."""
+    adv = torch.zeros(len(scores), dtype=torch.float64)
+    for i in range(len(scores)):
+        others = scores[(ids == ids[i]) & (torch.arange(len(scores)) != i)].double()
+        if len(others) > 0:
+            adv[i] = scores[i].double() - others.mean()
+    return adv.float()[:, None] * mask
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_rloo_equals_group_scaled_drgrpo_and_reference_loop(seed):
+    # RLOO = G/(G−1) · Dr.GRPO group by group, on random mixed-size groups (singletons: both 0).
+    g = torch.Generator().manual_seed(seed)
+    B, T = 48, 5
+    ids = torch.randint(0, 12, (B,), generator=g)
+    scores = torch.randn(B, generator=g)
+    mask = (torch.arange(T) < torch.randint(0, T + 1, (B, 1), generator=g)).float()
+    group_size = (ids[:, None] == ids[None, :]).sum(-1).float()  # (B,) G of each sample's group
+    scale = torch.where(group_size > 1, group_size / (group_size - 1).clamp(min=1), torch.zeros_like(group_size))
+    got = ADVANTAGES["rloo"](scores=scores, group_ids=ids, mask=mask)
+    torch.testing.assert_close(got, scale[:, None] * ADVANTAGES["drgrpo"](scores=scores, group_ids=ids, mask=mask),
+                               **TOL)
+    torch.testing.assert_close(got, _rloo_reference_loop(scores, ids, mask), **TOL)
+
+
+def test_rloo_constant_fractional_group_is_exactly_zero():
+    adv = rloo_advantages(torch.tensor([0.1, 0.1, 0.1, 0.3, 0.9]), torch.tensor([0, 0, 0, 1, 1]), torch.ones(5, 2))
+    assert torch.equal(adv[:3], torch.zeros(3, 2))
+    torch.testing.assert_close(adv[3:, 0], torch.tensor([-0.6, 0.6]), **TOL)  # 0.3 − 0.9, 0.9 − 0.3

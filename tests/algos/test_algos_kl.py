@@ -68,3 +68,15 @@ def test_registry_entries_match_kl_penalty():
     for kind, fn in KL_ESTIMATORS.items():
         assert torch.equal(fn(logp, ref), kl_penalty(logp, ref, kind))
     assert math.isclose(KL_ESTIMATORS["k1"](logp, ref)[0, 1].item(), math.log(1 / 3), rel_tol=1e-9)
+
+
+def test_k3_gradient():
+    # k3 = e^u − u − 1 with u = ref − logp, so dk3/dlogp = −e^u + 1 = 1 − π_ref/π: its expectation under π
+    # is the gradient of the FORWARD KL(π_ref‖π), not of KL(π‖π_ref) (spec §1.2), hence "subtle".
+    #   p = 0.5, p_ref = 0.4: 1 − 0.8 = 0.2;   u = −1: 1 − e^−1 = 0.632121;
+    #   u = 3: k3 = e^3 − 4 = 16.09 > 10 is clamped -> gradient 0;   u = 30: clamped at 20 -> gradient 0.
+    logp = torch.tensor([[math.log(0.5), 0.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([[math.log(0.4), -1.0, 3.0, 30.0]], dtype=torch.float64)
+    kl_penalty(logp, ref, "k3").sum().backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.2, 1 - math.exp(-1), 0.0, 0.0]], dtype=torch.float64),
+                               **TOL)

@@ -93,6 +93,25 @@ def test_gradient_zero_on_clipped_tokens():
     torch.testing.assert_close(logp.grad, torch.tensor([[-0.5, 0.0]]), **TOL)
 
 
+def test_dual_clip_gradient():
+    # c = 3, ε = 0.2, token-mean over 4 tokens, dL/dlogp = dL/dρ · ρ / 4:
+    #   A=−1, ρ=e²=7.389  -> capped at −c·A = 3, a constant        -> 0
+    #   A=−1, ρ=e^0.5     -> Lc = −A·ρ = 1.648721 < 3 (unclipped)   -> −A·ρ/4 = 0.412180
+    #   A=−1, ρ=e^−1      -> Lc = max(0.368, 0.8) = 0.8 (ratio clip) -> 0
+    #   A=2,  ρ=e^0.1     -> unclipped −2ρ                          -> −2·1.105171/4 = −0.552585
+    logp = torch.tensor([[2.0, 0.5, -1.0, 0.1]], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([[-1.0, -1.0, -1.0, 2.0]], dtype=torch.float64)
+    loss, _ = policy_loss(logp, torch.zeros_like(logp), adv, torch.ones_like(adv), dual_clip=3.0)
+    loss.backward()
+    expected = torch.tensor([[0.0, math.exp(0.5) / 4, 0.0, -2 * math.exp(0.1) / 4]], dtype=torch.float64)
+    torch.testing.assert_close(logp.grad, expected, **TOL)
+
+
+def test_unknown_ratio_level():
+    with pytest.raises(ValueError, match="unknown ratio_level 'seq'"):
+        _loss([0.0], [1.0], ratio_level="seq")
+
+
 def test_aggregation_and_counts_are_forwarded():
     # Loss per token at ρ = 1 is −A: A = [[1, 2], [3, 0]] with mask [[1,1],[1,0]] -> Σ l·m = −6.
     logp, adv = torch.zeros(2, 2), torch.tensor([[1.0, 2.0], [3.0, 0.0]])

@@ -33,6 +33,12 @@ def check_drgrpo(fn):
     _approx(adv, [[0.75] * 2, [-0.25] * 2, [-0.25] * 2, [-0.25, 0.0]])
 
 
+def check_rloo(fn):
+    # Leave-one-out: 1 − mean(0,0,0) = 1; 0 − mean(1,0,0) = −1/3 (= 4/3 · (r − 0.25)).
+    adv = fn(scores=SCORES, group_ids=IDS, mask=ADV_MASK)
+    _approx(adv, [[1.0] * 2, [-1 / 3] * 2, [-1 / 3] * 2, [-1 / 3, 0.0]])
+
+
 def check_vanilla(fn):
     # ρ = [e, 1/e], A = [1, −1], ε = 0.2: losses max(−e, −1.2) = −1.2 and max(1/e, 0.8) = 0.8;
     # token-mean = −0.2, both tokens clipped.
@@ -41,6 +47,15 @@ def check_vanilla(fn):
                        mask=torch.ones(1, 2), clip_low=0.2, clip_high=0.2)
     _approx(loss, -0.2)
     assert metrics["clipfrac"] == pytest.approx(1.0)
+
+
+def check_gspo(fn):
+    # One sequence, d = [1, −0.6]: s = e^0.2 = 1.221403 > 1.2. A = 1: max(−1.221403, −1.2) = −1.2 (clipped);
+    # A = −1: max(1.221403, 1.2) = 1.221403. seq-mean-token-mean = (−1.2 + 1.221403)/2 = 0.010701; clipfrac 1/2.
+    loss, metrics = fn(logprobs=torch.tensor([[1.0, -0.6]]), old_logprobs=torch.zeros(1, 2),
+                       advantages=torch.tensor([[1.0, -1.0]]), mask=torch.ones(1, 2), clip_low=0.2, clip_high=0.2)
+    _approx(loss, 0.0107014)
+    assert metrics["clipfrac"] == pytest.approx(0.5)
 
 
 # KL at p = 0.5, p_ref = 0.4 (spec §10).
@@ -84,7 +99,9 @@ def check_seq_mean_token_sum_norm(fn):
 CHECKS = {
     ("advantages", "grpo"): check_grpo,
     ("advantages", "drgrpo"): check_drgrpo,
+    ("advantages", "rloo"): check_rloo,
     ("policy_losses", "vanilla"): check_vanilla,
+    ("policy_losses", "gspo"): check_gspo,
     ("kl_estimators", "k1"): check_k1,
     ("kl_estimators", "k2"): check_k2,
     ("kl_estimators", "k3"): check_k3,
