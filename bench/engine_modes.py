@@ -1,6 +1,6 @@
 """HFEngine "generate" vs "paged" throughput on this machine; decides what mode="auto" picks.
 
-    /work/venv/bin/python bench/engine_modes.py [--reps 5] [--device cpu|cuda] [--threads N]
+    python bench/engine_modes.py [--reps 5] [--device cpu|cuda] [--threads N]
 
 Workload: random-init Qwen2-shaped models built locally (seed 0, vocab 128, tied embeddings),
 16 prompts of 12 tokens x n=8 samples, up to 32 new tokens, temperature 1.0. Run once with an eos id
