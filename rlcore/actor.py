@@ -95,7 +95,8 @@ class Actor:
             pg_loss, pg_stats = POLICY_LOSSES[a.policy_loss.name](
                 logprobs=logp, old_logprobs=micro.old_logprobs.to(device), advantages=micro.advantages.to(device),
                 mask=mask, clip_low=a.policy_loss.clip_low, clip_high=a.policy_loss.clip_high,
-                dual_clip=a.policy_loss.dual_clip, agg=a.aggregation, **counts)
+                dual_clip=a.policy_loss.dual_clip, agg=a.aggregation, **counts,
+                is_weights=None if micro.is_weights is None else micro.is_weights.to(device))
             entropy_term = aggregate(entropy if a.entropy_coef else entropy.detach(), mask, a.aggregation, **counts)
             loss = pg_loss - a.entropy_coef * entropy_term
             if a.kl.coef > 0:

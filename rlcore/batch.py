@@ -66,6 +66,8 @@ class TrainBatch:
     old_logprobs: Tensor
     ref_logprobs: Tensor | None
     advantages: Tensor
+    is_weights: Tensor | None = None
+    """Truncated importance weights against the rollout engine (algo.rollout_correction), or None."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -78,7 +80,7 @@ class TrainBatch:
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
-                out[f.name] = v[index, :T]
+                out[f.name] = v[index, :T]  # None fields stay None
             elif isinstance(v, list):
                 out[f.name] = [v[i] for i in idx]
             else:

@@ -58,7 +58,7 @@ class WarmstartConfig(_Node):
     so a second run reuses it; the reported RL gain is measured after it."""
     until_accuracy: float = 0.0
     """Stop the warm start early once greedy accuracy on training prompts reaches this (0 = run all
-    steps); checked every 100 steps."""
+    steps); checked every 25 steps."""
     lr: float = 1e-3
     """Learning rate of the supervised warm start."""
     batch_size: int = 64
@@ -150,7 +150,7 @@ class RolloutConfig(_Node):
 @dataclass
 class PolicyLossConfig(_Node):
     name: str = "vanilla"
-    """Policy loss (see `rlcore ls`)."""
+    """Policy loss (see `rlcore ls`): vanilla (token ratios) or gspo (one length-normalised ratio per sequence)."""
     clip_low: float = 0.2
     """Lower clip: ratio >= 1 - clip_low."""
     clip_high: float = 0.2
@@ -168,6 +168,31 @@ class KLConfig(_Node):
 
 
 @dataclass
+class FilterConfig(_Node):
+    drop_constant_groups: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal (they carry no gradient) and
+    sample more prompts until the step holds train.prompts_per_step groups."""
+    max_rounds: int = 10
+    """Most generation rounds per step; when reached, the step trains on the groups it has, warns
+    and logs filter/hit_max_rounds."""
+
+
+@dataclass
+class ShapingConfig(_Node):
+    overlong_cache_tokens: int = 0
+    """DAPO soft overlong punishment: a penalty growing from 0 to -1 over the last this many tokens
+    before rollout.max_new_tokens, added to the reward (0 = off)."""
+
+
+@dataclass
+class CorrectionConfig(_Node):
+    level: str = "none"
+    """Truncated importance sampling of the loss by pi_old / pi_rollout: none, token or sequence."""
+    cap: float = 2.0
+    """Upper truncation C of those importance weights."""
+
+
+@dataclass
 class AlgoConfig(_Node):
     estimator: str = "grpo"
     """Advantage estimator (see `rlcore ls`), e.g. grpo (group-normalised), drgrpo (no std scaling), rloo."""
@@ -179,6 +204,12 @@ class AlgoConfig(_Node):
     """KL loss against the reference."""
     entropy_coef: float = 0.0
     """Entropy bonus weight (the entropy is logged either way)."""
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    """Group filtering (DAPO dynamic sampling)."""
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
+    """Reward shaping by response length."""
+    rollout_correction: CorrectionConfig = field(default_factory=CorrectionConfig)
+    """Correction for the rollout engine's log-probs differing from the trainer's."""
 
 
 @dataclass

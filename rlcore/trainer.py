@@ -16,12 +16,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from algos import ADVANTAGES
+from algos import ADVANTAGES, rollout_mismatch_metrics, truncated_is_weights
 from rewards import CompositeReward
 from rlcore import checkpoint as ckpt
 from rlcore.actor import Actor, batched_logprobs
-from rlcore.batch import RolloutBatch, TrainBatch
+from rlcore.batch import TrainBatch
 from rlcore.build import build_data, build_policy, build_tokenizer
+from rlcore.collect import collect
 from rlcore.config import RLConfig
 from rlcore.data import PromptSampler
 from rlcore.evaluate import evaluate
@@ -59,28 +60,16 @@ class Trainer:
     # ------------------------------------------------------------------ the RL step
     def rl_step(self) -> dict[str, float]:
         cfg, t = self.cfg, self.timer
-        # 1. prompts: this rank's share of the step's prompts
-        idx = self.sampler.next_batch(cfg.train.prompts_per_step)
-        prompts = [self.train_prompts.token_ids[i] for i in idx]
-
-        # 2. rollout: stream the actor's weights into the engine, then sample n per prompt
+        # 1-2. rollout: stream the actor's weights into the engine (bucketed), wake it to sample
         with t("sync"):
             self.engine.wake()
             sync_metrics = sync_weights(self.actor.model, self.engine, bucket_mb=cfg.rollout.sync_bucket_mb)
-        with t("generate"):
-            samples = self.engine.generate(prompts, self.sampling)
-            self.engine.sleep()
-        batch = RolloutBatch.from_samples(prompts, samples)
 
-        # 3. rewards, on decoded text
-        with t("reward"):
-            lengths = batch.mask.sum(-1).long().tolist()
-            responses = [self.tokenizer.decode(ids[:n], skip_special_tokens=True)
-                         for ids, n in zip(batch.response_ids.tolist(), lengths)]
-            rows = [self.train_prompts.rows[idx[g]] for g in batch.group_ids.tolist()]
-            texts = [self.train_prompts.texts[idx[g]] for g in batch.group_ids.tolist()]
-            rewards = self.reward_fn(texts, responses, rows)
-            scores = torch.tensor(rewards.scores, dtype=torch.float32)
+        # 1-4. prompts -> n samples each -> rewards; DAPO dynamic sampling repeats this to fill the step
+        rollout = collect(cfg=cfg, sampler=self.sampler, prompts=self.train_prompts, engine=self.engine,
+                          sampling=self.sampling, tokenizer=self.tokenizer, reward_fn=self.reward_fn, timer=t)
+        self.engine.sleep()
+        batch, scores = rollout.batch, rollout.scores
 
         # 5. log-probs: old (the actor now), reference (if KL); check them against the engine's
         with t("logprobs"):
@@ -89,6 +78,7 @@ class Trainer:
                 self.ref, batch.prompt_ids, batch.response_ids, batch.mask, temperature=cfg.rollout.temperature,
                 pad_id=self.tokenizer.pad_token_id, max_tokens=cfg.train.max_tokens_per_microbatch)
             sync_metrics |= verify_rollout_logprobs(batch, old_logprobs, cfg, self.tokenizer)
+            is_weights, correction_metrics = self._rollout_correction(batch, old_logprobs)
 
         # 6. advantages
         with t("advantages"):
@@ -98,20 +88,26 @@ class Trainer:
         with t("update"):
             actor_metrics = self.actor.update(TrainBatch(
                 prompt_ids=batch.prompt_ids, response_ids=batch.response_ids, mask=batch.mask,
-                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages))
+                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages, is_weights=is_weights))
 
         # 8. record
         lengths = batch.mask.sum(-1)
-        accuracy = next(iter(rewards.components.values()))
-        self._last = (idx, texts, responses, rewards.scores)
+        self._last = rollout
         return {
-            "reward/mean": scores.mean().item(), "reward/std": scores.std().item() if len(scores) > 1 else 0.0,
-            "reward/accuracy": float(np.mean(accuracy)), **rewards.metrics,
+            **rollout.metrics, **actor_metrics, **sync_metrics, **correction_metrics,
             "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
             "response/clipped_ratio": batch.is_truncated.float().mean().item(),
-            **actor_metrics, **sync_metrics,
             "data/epoch": float(self.sampler.epoch), "perf/generated_tokens": lengths.sum().item(),
         }
+
+    def _rollout_correction(self, batch, old_logprobs):
+        """Truncated importance weights pi_old / pi_rollout (algo.rollout_correction), or None."""
+        c = self.cfg.algo.rollout_correction
+        if c.level == "none":
+            return None, {}
+        weights = truncated_is_weights(old_logprobs, batch.rollout_logprobs, batch.mask, cap=c.cap, level=c.level)
+        stats = rollout_mismatch_metrics(old_logprobs, batch.rollout_logprobs, batch.mask, weights)
+        return weights, {f"rollout_corr/{k}": v for k, v in stats.items()}
 
     # ------------------------------------------------------------------ the loop
     def fit(self, tracker: Tracker) -> dict:
@@ -131,7 +127,7 @@ class Trainer:
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.eval_prompts is not None:
                 metrics |= {f"eval/{k}": v for k, v in self.evaluate().items()}
             if self.step % cfg.log_every == 0 or self.step == cfg.total_steps:
-                tracker.log(self.step, metrics, extra={"prompt_indices": self._last[0]})
+                tracker.log(self.step, metrics, extra={"prompt_indices": self._last.prompt_indices})
                 tracker.progress(self.step, metrics)
             if cfg.sample_text_every and self.step % cfg.sample_text_every == 0:
                 tracker.text(self.step, "samples", self._samples_markdown())
@@ -149,9 +145,8 @@ class Trainer:
         return evaluate(self.engine, self.reward_fn, self.eval_prompts, self.tokenizer,
                         max_new_tokens=self.cfg.rollout.max_new_tokens, stop_token_ids=self.sampling.stop_token_ids)
 
-    def _samples_markdown(self, k: int = 4) -> str:
-        _, texts, responses, scores = self._last
-        rows = [f"| {p!r} | {r!r} | {s:.3f} |" for p, r, s in list(zip(texts, responses, scores))[:k]]
+    def _samples_markdown(self) -> str:
+        rows = [f"| {p!r} | {r!r} | {s:.3f} |" for p, r, s in self._last.examples]
         return "| prompt | response | reward |\n|---|---|---|\n" + "\n".join(rows)
 
     # ------------------------------------------------------------------ checkpoints

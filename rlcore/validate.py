@@ -80,6 +80,11 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
     dual = a.policy_loss.dual_clip
     need(dual is None or dual > 1, f"algo.policy_loss.dual_clip={dual} must be > 1 (or unset)")
     need(a.kl.coef >= 0, "algo.kl.coef must be >= 0 (0 = off)")
+    need(a.filter.max_rounds >= 1, "algo.filter.max_rounds must be >= 1")
+    need(0 <= a.shaping.overlong_cache_tokens < r.max_new_tokens,
+         f"algo.shaping.overlong_cache_tokens={a.shaping.overlong_cache_tokens} must be in [0, rollout.max_new_tokens)")
+    one_of("algo.rollout_correction.level", a.rollout_correction.level, {"none", "token", "sequence"})
+    need(a.rollout_correction.cap > 0, "algo.rollout_correction.cap must be > 0")
     # --- rewards: names resolve and user files exist, before any model loads
     need(len(cfg.reward.terms) > 0, "reward.terms is empty; name at least one reward")
     errors += _reward_errors(cfg)

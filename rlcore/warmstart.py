@@ -34,9 +34,9 @@ def supervised_warmstart(model, tokenizer, prompts: Prompts, *, steps: int, lr: 
     """AdamW steps of next-token loss on row[target_key] + EOS after each prompt (in place).
 
     Runs `steps` steps, or stops early once greedy exact-match accuracy on a fixed sample of
-    *training* prompts (checked every 100 steps) reaches `until_accuracy` (0 = never). Stopping at an
+    *training* prompts reaches `until_accuracy` (0 = never). Stopping at an
     accuracy rather than a step count makes the starting point of RL the same whatever the seed or
-    the torch build, which changes how fast a tiny model picks the task up.
+    the torch build, which changes how fast a tiny model picks the task up. Checked every 25 steps.
     """
     rng = random.Random(seed)
     probe = random.Random(seed + 1).sample(range(len(prompts)), min(256, len(prompts)))
@@ -62,13 +62,16 @@ def supervised_warmstart(model, tokenizer, prompts: Prompts, *, steps: int, lr: 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            accuracy = train_accuracy(model, tokenizer, prompts, probe, target_key) if until_accuracy else None
+        # Checked often: a tiny model can gain 20 points of accuracy within 100 steps.
+        is_check = until_accuracy > 0 and (step + 1) % 25 == 0
+        accuracy = train_accuracy(model, tokenizer, prompts, probe, target_key) if is_check else None
+        is_done = accuracy is not None and accuracy >= until_accuracy
+        if (step + 1) % 100 == 0 or step + 1 == steps or is_done:
             note = f", train accuracy {accuracy:.3f}" if accuracy is not None else ""
             print(f"warm start {step + 1}/{steps}: loss {loss.item():.3f}{note} ({time.perf_counter() - start:.0f}s)",
                   file=sys.stderr, flush=True)
-            if accuracy is not None and accuracy >= until_accuracy:
-                break
+        if is_done:
+            break
 
 
 @torch.no_grad()

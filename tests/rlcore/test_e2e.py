@@ -114,3 +114,20 @@ def test_missing_reward_file_and_bad_dataset_fail_before_training(tmp_path):
     proc = run_cli("train", f"data.train_files=[{bad}]", "trainer.output_dir=r", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "bad.jsonl" in proc.stderr and "row 1" in proc.stderr and "'prompt'" in proc.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_dapo_knobs_through_the_cli_with_constant_rewards(tmp_path):
+    """Every group constant: dynamic sampling hits its bound, warns, trains on; TIS on (overlong shaping
+    would make the rewards differ by length, so it is tested in test_collect.py)."""
+    (tmp_path / "const.py").write_text("def one(prompt, response, row):\n    return 1.0\n")
+    run = tmp_path / "run"
+    proc = run_cli("train", *SHORT, "trainer.total_steps=2", "trainer.export=false", f"trainer.output_dir={run}",
+                   "reward.terms=[{name: 'python:const.py:one'}]", "algo.filter.drop_constant_groups=true",
+                   "algo.filter.max_rounds=2",
+                   "algo.rollout_correction.level=token", "algo.policy_loss.clip_high=0.28", cwd=tmp_path)
+    assert "dynamic sampling kept 0 of 8 groups after 2 rounds" in proc.stderr
+    steps = [m for m in read_metrics(run) if "reward/mean" in m]
+    assert [m["filter/rounds"] for m in steps] == [2.0, 2.0] and all(m["filter/hit_max_rounds"] == 1.0 for m in steps)
+    assert all(len(m["prompt_indices"]) == 16 for m in steps)  # two rounds of 8 prompts drawn per step
+    assert all("rollout_corr/is_weight_mean" in m for m in steps)
+    assert all(m["actor/pg_loss"] == 0.0 for m in steps)  # constant rewards: zero advantages, zero loss
