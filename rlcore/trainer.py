@@ -97,7 +97,8 @@ class Trainer:
             **rollout.metrics, **actor_metrics, **sync_metrics, **correction_metrics,
             "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
             "response/clipped_ratio": batch.is_truncated.float().mean().item(),
-            "data/epoch": float(self.sampler.epoch), "perf/generated_tokens": lengths.sum().item(),
+            "data/epoch": float(self.sampler.epoch), "data/dropped_prompts": float(self.train_prompts.num_dropped),
+            "perf/generated_tokens": lengths.sum().item(),
         }
 
     def _rollout_correction(self, batch, old_logprobs):
