@@ -116,3 +116,14 @@ def test_config_is_frozen_after_validation():
         cfg.train.lr = 1.0
     with pytest.raises(AttributeError, match="frozen"):
         cfg.reward.terms[0].weight = 2.0
+
+
+def test_algorithms_page_names_every_registered_key():
+    from algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
+
+    page = (REPO / "docs" / "algorithms.md").read_text()
+    for table in (ADVANTAGES, POLICY_LOSSES, AGGREGATIONS, KL_ESTIMATORS):
+        for name in table:
+            assert f"`{name}`" in page, f"docs/algorithms.md does not mention {name!r}"
+    for recipe in builtin_recipes():
+        assert recipe == "grpo_math_jsonl" or f"`{recipe}`" in page, f"docs/algorithms.md lacks recipe {recipe!r}"
