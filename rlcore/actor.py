@@ -99,7 +99,7 @@ class Actor:
                 is_weights=None if micro.is_weights is None else micro.is_weights.to(device))
             entropy_term = aggregate(entropy if a.entropy_coef else entropy.detach(), mask, a.aggregation, **counts)
             loss = pg_loss - a.entropy_coef * entropy_term
-            if a.kl.coef > 0:
+            if a.kl.coef > 0 and a.kl.placement == "loss":
                 kl = KL_ESTIMATORS[a.kl.estimator](logp, micro.ref_logprobs.to(device))
                 kl_term = aggregate(kl, mask, a.aggregation, **counts)
                 loss = loss + a.kl.coef * kl_term

@@ -2,6 +2,7 @@
 
     RUN/checkpoints/step_000120/
         model/          Hugging Face folder (safetensors, config, tokenizer, generation_config)
+        critic/         the value model, when critic.enabled
         trainer.pt      optimizer, scheduler and RNG states
         state.json      step, data position
         config.yaml     the resolved config
@@ -35,7 +36,7 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, data_state: dict,
-                    config_yaml: str, keep_last: int) -> Path:
+                    config_yaml: str, keep_last: int, critic=None) -> Path:
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
@@ -43,9 +44,13 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp / "model", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "model")
+    if critic is not None:
+        critic.model.save_pretrained(tmp / "critic", safe_serialization=True)
     torch.save({
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
+        "critic": None if critic is None else {"optimizer": critic.optimizer.state_dict(),
+                                               "scheduler": critic.scheduler.state_dict()},
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }, tmp / "trainer.pt")
@@ -64,11 +69,17 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     return final
 
 
-def load_trainer_state(ckpt: Path, *, optimizer, scheduler) -> dict:
-    """Restore optimizer, scheduler and RNG from a checkpoint; return its state.json."""
+def load_trainer_state(ckpt: Path, *, optimizer, scheduler, critic=None) -> dict:
+    """Restore optimizer, scheduler, critic and RNG from a checkpoint; return its state.json."""
     blob = torch.load(ckpt / "trainer.pt", weights_only=False)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
+    if critic is not None:
+        from rlcore.critic import load_value_model
+
+        critic.model.load_state_dict(load_value_model(str(ckpt / "critic")).state_dict())
+        critic.optimizer.load_state_dict(blob["critic"]["optimizer"])
+        critic.scheduler.load_state_dict(blob["critic"]["scheduler"])
     rng = blob["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

@@ -162,9 +162,12 @@ class PolicyLossConfig(_Node):
 @dataclass
 class KLConfig(_Node):
     coef: float = 0.0
-    """Weight of the KL loss against the frozen reference model (0 = off, no reference kept)."""
+    """Weight of the KL term against the frozen reference model (0 = off, no reference kept)."""
     estimator: str = "k3"
     """KL estimator: k1, k2 or k3."""
+    placement: str = "loss"
+    """loss: a KL loss term (GRPO style); reward: a per-token penalty in the reward before GAE (PPO
+    style, needs critic.enabled)."""
 
 
 @dataclass
@@ -210,6 +213,10 @@ class AlgoConfig(_Node):
     """Reward shaping by response length."""
     rollout_correction: CorrectionConfig = field(default_factory=CorrectionConfig)
     """Correction for the rollout engine's log-probs differing from the trainer's."""
+    gamma: float = 1.0
+    """GAE discount (with critic.enabled)."""
+    lam: float = 0.95
+    """GAE lambda (with critic.enabled); advantages are whitened over the batch."""
 
 
 @dataclass
@@ -230,6 +237,20 @@ class RewardConfig(_Node):
     """A reward call running longer scores 0 and is counted (reward/<name>/timeouts)."""
     num_workers: int = 2
     """Reward worker processes."""
+
+
+@dataclass
+class CriticConfig(_Node):
+    enabled: bool = False
+    """Train a value model and use GAE advantages (PPO) instead of algo.estimator."""
+    path: Optional[str] = None
+    """Local value-model folder to start from. Unset: the actor's trunk with a zeroed value head."""
+    lr: float = 1e-5
+    """Critic learning rate (AdamW)."""
+    warmup_steps: int = 0
+    """Critic linear warm-up, in optimizer steps."""
+    value_clip: float = 0.5
+    """Values are clipped to old value +- this in the value loss."""
 
 
 @dataclass
@@ -288,6 +309,7 @@ class RLConfig(_Node):
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from algos import ADVANTAGES, rollout_mismatch_metrics, truncated_is_weights
+from algos import ADVANTAGES, KL_ESTIMATORS, gae, masked_whiten, rollout_mismatch_metrics, truncated_is_weights
 from rewards import CompositeReward
 from rlcore import checkpoint as ckpt
 from rlcore.actor import Actor, batched_logprobs
 from rlcore.batch import TrainBatch
 from rlcore.build import build_data, build_policy, build_tokenizer
 from rlcore.collect import collect
+from rlcore.critic import Critic, build_value_model, load_value_model
 from rlcore.config import RLConfig
 from rlcore.data import PromptSampler
 from rlcore.evaluate import evaluate
@@ -47,6 +48,8 @@ class Trainer:
             pad_token_id=self.tokenizer.pad_token_id, mode=cfg.rollout.mode)
         self.actor = Actor(policy, cfg, pad_id=self.tokenizer.pad_token_id,
                            seqs_per_minibatch=plan.seqs_per_minibatch_per_rank)
+        self.critic = build_critic(cfg, policy, pad_id=self.tokenizer.pad_token_id,
+                                   seqs_per_minibatch=plan.seqs_per_minibatch_per_rank)
         self.sampler = PromptSampler(len(self.train_prompts), seed=cfg.trainer.seed)
         self.reward_fn = CompositeReward([(t.name, t.weight, dict(t.args)) for t in cfg.reward.terms],
                                          timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
@@ -79,16 +82,29 @@ class Trainer:
                 pad_id=self.tokenizer.pad_token_id, max_tokens=cfg.train.max_tokens_per_microbatch)
             sync_metrics |= verify_rollout_logprobs(batch, old_logprobs, cfg, self.tokenizer)
             is_weights, correction_metrics = self._rollout_correction(batch, old_logprobs)
+        if self.critic is not None:
+            with t("values"):
+                values = self.critic.values(batch.prompt_ids, batch.response_ids, batch.mask)
 
-        # 6. advantages
+        # 6. advantages: group-relative from scores, or GAE over token rewards with the critic (PPO)
         with t("advantages"):
-            advantages = ADVANTAGES[cfg.algo.estimator](scores=scores, group_ids=batch.group_ids, mask=batch.mask)
+            if self.critic is None:
+                advantages = ADVANTAGES[cfg.algo.estimator](scores=scores, group_ids=batch.group_ids, mask=batch.mask)
+            else:
+                rewards = token_rewards(scores, batch.mask, old_logprobs, ref_logprobs, cfg.algo.kl)
+                advantages, returns = gae(rewards, values, batch.mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam)
+                advantages = masked_whiten(advantages, batch.mask)
 
         # 7. update
         with t("update"):
             actor_metrics = self.actor.update(TrainBatch(
                 prompt_ids=batch.prompt_ids, response_ids=batch.response_ids, mask=batch.mask,
                 old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages, is_weights=is_weights))
+        if self.critic is not None:
+            with t("critic"):
+                actor_metrics |= self.critic.update(batch.prompt_ids, batch.response_ids, batch.mask, returns, values,
+                                                    epochs=cfg.train.epochs_per_step,
+                                                    minibatches=cfg.train.minibatches_per_step)
 
         # 8. record
         lengths = batch.mask.sum(-1)
@@ -156,14 +172,15 @@ class Trainer:
             self.run_dir, self.step, model=self.actor.model, tokenizer=self.tokenizer,
             optimizer=self.actor.optimizer, scheduler=self.actor.scheduler,
             data_state={**self.sampler.state_dict(), "eval_before": self.eval_before},
-            config_yaml=to_yaml(self.cfg), keep_last=self.cfg.trainer.keep_last)
+            config_yaml=to_yaml(self.cfg), keep_last=self.cfg.trainer.keep_last, critic=self.critic)
 
     def resume(self, folder: Path) -> None:
         from transformers import AutoModelForCausalLM
 
         saved = AutoModelForCausalLM.from_pretrained(folder / "model", local_files_only=True)
         self.actor.model.load_state_dict(saved.state_dict())
-        state = ckpt.load_trainer_state(folder, optimizer=self.actor.optimizer, scheduler=self.actor.scheduler)
+        state = ckpt.load_trainer_state(folder, optimizer=self.actor.optimizer, scheduler=self.actor.scheduler,
+                                        critic=self.critic)
         self.eval_before = state["data"].pop("eval_before")
         self.sampler.load_state_dict(state["data"])
         self.step = state["step"]
@@ -197,3 +214,26 @@ def _frozen(model):
 
 def write_summary(run_dir: Path, summary: dict) -> None:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def build_critic(cfg: RLConfig, policy, *, pad_id: int, seqs_per_minibatch: int) -> Critic | None:
+    c = cfg.critic
+    if not c.enabled:
+        return None
+    model = load_value_model(c.path) if c.path else build_value_model(policy)
+    t = cfg.train
+    return Critic(model.to(next(policy.parameters()).device), lr=c.lr, warmup_steps=c.warmup_steps,
+                  weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, value_clip=c.value_clip,
+                  aggregation=cfg.algo.aggregation, max_tokens_per_microbatch=t.max_tokens_per_microbatch,
+                  seqs_per_minibatch=seqs_per_minibatch, pad_id=pad_id, norm_len=cfg.rollout.max_new_tokens)
+
+
+def token_rewards(scores, mask, old_logprobs, ref_logprobs, kl) -> torch.Tensor:
+    """(B, T): each score on its sample's last valid token (spec §1.1), minus beta * KL per token when
+    algo.kl.placement=reward (computed from the trainer's old log-probs, k1 by default in PPO)."""
+    last = (mask.sum(-1).long() - 1).clamp(min=0)  # (B,)
+    rewards = torch.zeros_like(mask)
+    rewards[torch.arange(len(scores)), last] = scores * (mask.sum(-1) > 0)
+    if kl.coef > 0 and kl.placement == "reward":
+        rewards = rewards - kl.coef * KL_ESTIMATORS[kl.estimator](old_logprobs, ref_logprobs) * mask
+    return rewards

@@ -61,9 +61,9 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
     # --- rollout
     one_of("rollout.engine", r.engine, ENGINES)
     one_of("rollout.mode", r.mode, {"auto", "generate", "paged"})
-    need(r.samples_per_prompt >= 2,
+    need(r.samples_per_prompt >= 2 or cfg.critic.enabled,
          f"rollout.samples_per_prompt={r.samples_per_prompt}: group-relative advantages need at least 2 "
-         "samples per prompt (a single sample always gets advantage 0)")
+         "samples per prompt (a single sample always gets advantage 0); or set critic.enabled=true")
     need(r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1")
     need(r.temperature > 0,
          f"rollout.temperature={r.temperature}: RL sampling needs temperature > 0 (greedy groups are identical)")
@@ -80,6 +80,15 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
     dual = a.policy_loss.dual_clip
     need(dual is None or dual > 1, f"algo.policy_loss.dual_clip={dual} must be > 1 (or unset)")
     need(a.kl.coef >= 0, "algo.kl.coef must be >= 0 (0 = off)")
+    one_of("algo.kl.placement", a.kl.placement, {"loss", "reward"})
+    need(a.kl.placement == "loss" or cfg.critic.enabled,
+         "algo.kl.placement=reward puts the KL into token rewards for GAE; it needs critic.enabled=true")
+    need(0 <= a.gamma <= 1 and 0 <= a.lam <= 1, "algo.gamma and algo.lam must be in [0, 1]")
+    c = cfg.critic
+    need(c.path is None or Path(c.path, "config.json").is_file(),
+         f"critic.path={c.path!r} is not a local Hugging Face folder (no config.json)")
+    need(c.lr > 0 and c.warmup_steps >= 0 and c.value_clip > 0,
+         "critic.lr and critic.value_clip must be > 0, critic.warmup_steps >= 0")
     need(a.filter.max_rounds >= 1, "algo.filter.max_rounds must be >= 1")
     need(0 <= a.shaping.overlong_cache_tokens < r.max_new_tokens,
          f"algo.shaping.overlong_cache_tokens={a.shaping.overlong_cache_tokens} must be in [0, rollout.max_new_tokens)")
