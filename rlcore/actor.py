@@ -82,6 +82,8 @@ class Actor:
         # Global counts of the mini-batch: the sum of micro-batch losses is the mini-batch loss.
         counts = {"num_tokens": mini.mask.sum(), "num_seqs": (mini.mask.sum(-1) > 0).sum(),
                   "norm_len": self.cfg.rollout.max_new_tokens}
+        # VAPO's NLL term is a token mean over the positive samples' tokens of the whole mini-batch.
+        num_nll_tokens = None if mini.nll_mask is None else mini.nll_mask.sum().clamp(min=1)
         num_tokens = max(float(counts["num_tokens"]), 1.0)
         device = next(self.model.parameters()).device
         stats: dict[str, float] = defaultdict(float)
@@ -104,6 +106,10 @@ class Actor:
                 kl_term = aggregate(kl, mask, a.aggregation, **counts)
                 loss = loss + a.kl.coef * kl_term
                 stats["kl"] += kl_term.item()
+            if num_nll_tokens is not None and a.positive_nll_coef > 0:
+                nll = -(logp * micro.nll_mask.to(device)).sum() / num_nll_tokens
+                loss = loss + a.positive_nll_coef * nll
+                stats["positive_nll"] += nll.item()
             loss.backward()
             # Losses already carry the global normalisation: they add up; ratios are token-weighted.
             share = float(micro.mask.sum()) / num_tokens

@@ -68,6 +68,8 @@ class TrainBatch:
     advantages: Tensor
     is_weights: Tensor | None = None
     """Truncated importance weights against the rollout engine (algo.rollout_correction), or None."""
+    nll_mask: Tensor | None = None
+    """(B, T) mask of the tokens of positively rewarded samples, for VAPO's NLL loss, or None."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

@@ -216,7 +216,15 @@ class AlgoConfig(_Node):
     gamma: float = 1.0
     """GAE discount (with critic.enabled)."""
     lam: float = 0.95
-    """GAE lambda (with critic.enabled); advantages are whitened over the batch."""
+    """GAE lambda of the policy advantages (with critic.enabled); they are whitened over the batch."""
+    lam_critic: Optional[float] = None
+    """VAPO decoupled GAE: lambda of the critic's returns (1.0 in VAPO). Unset: algo.lam."""
+    lam_length_alpha: float = 0.0
+    """VAPO length-adaptive GAE: per-sequence lambda = 1 - 1/(alpha * length), replacing algo.lam for
+    the policy advantages (0 = off; VAPO uses 0.05)."""
+    positive_nll_coef: float = 0.0
+    """VAPO: weight of a negative log-likelihood loss on samples with a positive reward (0 = off;
+    VAPO uses 0.1)."""
 
 
 @dataclass
@@ -251,6 +259,9 @@ class CriticConfig(_Node):
     """Critic linear warm-up, in optimizer steps."""
     value_clip: float = 0.5
     """Values are clipped to old value +- this in the value loss."""
+    pretrain_steps: int = 0
+    """VAPO value pretraining: the first this many RL steps train only the critic (the policy is
+    frozen), so the advantages start from a value model that knows the reward."""
 
 
 @dataclass

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from algos import ADVANTAGES, KL_ESTIMATORS, gae, masked_whiten, rollout_mismatch_metrics, truncated_is_weights
+from algos import (ADVANTAGES, KL_ESTIMATORS, gae, length_adaptive_lambda, masked_whiten, rollout_mismatch_metrics,
+                   truncated_is_weights)
 from rewards import CompositeReward
 from rlcore import checkpoint as ckpt
 from rlcore.actor import Actor, batched_logprobs
@@ -91,31 +92,43 @@ class Trainer:
             if self.critic is None:
                 advantages = ADVANTAGES[cfg.algo.estimator](scores=scores, group_ids=batch.group_ids, mask=batch.mask)
             else:
-                rewards = token_rewards(scores, batch.mask, old_logprobs, ref_logprobs, cfg.algo.kl)
-                advantages, returns = gae(rewards, values, batch.mask, gamma=cfg.algo.gamma, lam=cfg.algo.lam)
-                advantages = masked_whiten(advantages, batch.mask)
+                advantages, returns = self._gae(batch, scores, old_logprobs, ref_logprobs, values)
 
-        # 7. update
-        with t("update"):
-            actor_metrics = self.actor.update(TrainBatch(
-                prompt_ids=batch.prompt_ids, response_ids=batch.response_ids, mask=batch.mask,
-                old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages, is_weights=is_weights))
+        # 7. update (VAPO value pretraining: the critic alone for its first steps)
+        update_metrics = {}
+        positive = batch.mask * (scores > 0)[:, None] if cfg.algo.positive_nll_coef else None  # VAPO NLL
+        if self.step >= cfg.critic.pretrain_steps:
+            with t("update"):
+                update_metrics = self.actor.update(TrainBatch(
+                    prompt_ids=batch.prompt_ids, response_ids=batch.response_ids, mask=batch.mask,
+                    old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
+                    is_weights=is_weights, nll_mask=positive))
         if self.critic is not None:
             with t("critic"):
-                actor_metrics |= self.critic.update(batch.prompt_ids, batch.response_ids, batch.mask, returns, values,
-                                                    epochs=cfg.train.epochs_per_step,
-                                                    minibatches=cfg.train.minibatches_per_step)
+                update_metrics |= self.critic.update(
+                    batch.prompt_ids, batch.response_ids, batch.mask, returns, values,
+                    epochs=cfg.train.epochs_per_step, minibatches=cfg.train.minibatches_per_step)
 
         # 8. record
         lengths = batch.mask.sum(-1)
         self._last = rollout
         return {
-            **rollout.metrics, **actor_metrics, **sync_metrics, **correction_metrics,
+            **rollout.metrics, **update_metrics, **sync_metrics, **correction_metrics,
             "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
             "response/clipped_ratio": batch.is_truncated.float().mean().item(),
             "data/epoch": float(self.sampler.epoch), "data/dropped_prompts": float(self.train_prompts.num_dropped),
             "perf/generated_tokens": lengths.sum().item(),
         }
+
+    def _gae(self, batch, scores, old_logprobs, ref_logprobs, values):
+        """PPO / VAPO advantages (whitened) and critic returns from token rewards and the values."""
+        a = self.cfg.algo
+        rewards = token_rewards(scores, batch.mask, old_logprobs, ref_logprobs, a.kl)
+        lam = a.lam if not a.lam_length_alpha else length_adaptive_lambda(batch.mask.sum(-1), alpha=a.lam_length_alpha)
+        advantages, returns = gae(rewards, values, batch.mask, gamma=a.gamma, lam=lam)
+        if a.lam_critic is not None:  # VAPO decoupled GAE: the critic's own lambda for its targets
+            _, returns = gae(rewards, values, batch.mask, gamma=a.gamma, lam=a.lam_critic)
+        return masked_whiten(advantages, batch.mask), returns
 
     def _rollout_correction(self, batch, old_logprobs):
         """Truncated importance weights pi_old / pi_rollout (algo.rollout_correction), or None."""

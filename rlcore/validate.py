@@ -84,6 +84,13 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
     need(a.kl.placement == "loss" or cfg.critic.enabled,
          "algo.kl.placement=reward puts the KL into token rewards for GAE; it needs critic.enabled=true")
     need(0 <= a.gamma <= 1 and 0 <= a.lam <= 1, "algo.gamma and algo.lam must be in [0, 1]")
+    need(a.lam_critic is None or 0 <= a.lam_critic <= 1, "algo.lam_critic must be in [0, 1] (or unset)")
+    need(a.lam_length_alpha >= 0 and a.positive_nll_coef >= 0,
+         "algo.lam_length_alpha and algo.positive_nll_coef must be >= 0 (0 = off)")
+    need(cfg.critic.enabled or (a.lam_critic is None and a.lam_length_alpha == 0 and cfg.critic.pretrain_steps == 0),
+         "algo.lam_critic, algo.lam_length_alpha and critic.pretrain_steps shape GAE and the critic; they need "
+         "critic.enabled=true")
+    need(cfg.critic.pretrain_steps >= 0, "critic.pretrain_steps must be >= 0")
     c = cfg.critic
     need(c.path is None or Path(c.path, "config.json").is_file(),
          f"critic.path={c.path!r} is not a local Hugging Face folder (no config.json)")

@@ -147,3 +147,12 @@ def test_ppo_with_critic_and_kl_in_reward_resumes_exactly(tmp_path, saved_model)
     assert len(a) == len(b) == 3
     for key in ("critic/value_loss", "critic/value_mean", "actor/pg_loss", "reward/mean"):
         assert [m[key] for m in a] == pytest.approx([m[key] for m in b], abs=1e-6), key
+
+
+def test_vapo_pretrains_the_critic_then_trains_both(tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", "vapo_arith", *SHORT, "critic.pretrain_steps=2", "trainer.total_steps=4",
+            "trainer.export=false", f"trainer.output_dir={run}", cwd=tmp_path)
+    steps = [m for m in read_metrics(run) if "critic/value_loss" in m]
+    assert ["actor/pg_loss" in m for m in steps] == [False, False, True, True]  # policy frozen for 2 steps
+    assert all("actor/positive_nll" in m for m in steps[2:])
