@@ -14,7 +14,7 @@ Notation for tensor shapes, used by every docstring in this package:
 Modules (one axis each):
     advantages.py   ADVANTAGES     "grpo", "drgrpo", "rloo"
     losses.py       POLICY_LOSSES  "vanilla" (ratio_level="token" | "sequence"), "gspo"; entropy_from_logits
-    kl.py           KL_ESTIMATORS  "k1", "k2", "k3"; kl_penalty
+    kl.py           KL_ESTIMATORS  "k1", "k2", "k3"; kl_penalty, adaptive_kl_coef
     aggregation.py  AGGREGATIONS   "token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
                                    "seq-mean-token-sum-norm"; aggregate, masked_mean, masked_whiten
     registry.py     register / lookup and the four tables
@@ -32,7 +32,7 @@ from algos.aggregation import aggregate, masked_mean, masked_whiten
 from algos.advantages import drgrpo_advantages, grpo_advantages, rloo_advantages
 from algos.correction import rollout_mismatch_metrics, truncated_is_weights
 from algos.gae import gae, length_adaptive_lambda, reinforce_pp_advantages
-from algos.kl import kl_penalty
+from algos.kl import adaptive_kl_coef, kl_penalty
 from algos.losses import entropy_from_logits, gspo_loss, policy_loss
 from algos.shaping import overlong_penalty
 from algos.value import value_loss
@@ -40,7 +40,7 @@ from algos.value import value_loss
 __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "KL_ESTIMATORS", "POLICY_LOSSES", "register", "lookup",
     "aggregate", "masked_mean", "masked_whiten", "grpo_advantages", "drgrpo_advantages", "rloo_advantages",
-    "gae", "reinforce_pp_advantages", "length_adaptive_lambda", "kl_penalty", "entropy_from_logits",
+    "gae", "reinforce_pp_advantages", "length_adaptive_lambda", "kl_penalty", "adaptive_kl_coef", "entropy_from_logits",
     "policy_loss", "gspo_loss", "value_loss", "overlong_penalty", "truncated_is_weights",
     "rollout_mismatch_metrics",
 ]

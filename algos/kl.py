@@ -48,3 +48,15 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kind: str) -> Tensor:
     if kind not in KL_ESTIMATORS:
         raise ValueError(f"unknown KL estimator {kind!r}; valid: {sorted(KL_ESTIMATORS)}")
     return KL_ESTIMATORS[kind](logprobs, ref_logprobs)
+
+
+def adaptive_kl_coef(coef: float, current_kl: float, *, target: float, horizon: int, num_samples: int) -> float:
+    """Adaptive KL controller (Ziegler et al. 2019, arXiv 1909.08593 §2.2; spec §1.1):
+
+        e = clip(KL_cur / KL_target − 1, −0.2, 0.2);   β ← β · (1 + e · n / horizon)
+
+    current_kl: batch mean of the per-sequence masked mean of the per-token KL (k1 by default);
+    num_samples: n, the number of samples in the step. Same as verl's AdaptiveKLController.update.
+    """
+    error = min(max(current_kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * num_samples / horizon)

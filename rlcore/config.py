@@ -168,6 +168,11 @@ class KLConfig(_Node):
     placement: str = "loss"
     """loss: a KL loss term (GRPO style); reward: a per-token penalty in the reward before GAE (PPO
     style, needs critic.enabled)."""
+    target: Optional[float] = None
+    """With placement=reward: adapt the coefficient towards this KL per sequence (Ziegler et al.'s
+    controller; algo.kl.coef is the starting value). Unset: a fixed coefficient."""
+    horizon: int = 10000
+    """Horizon of the adaptive KL controller, in samples."""
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from algos import (ADVANTAGES, KL_ESTIMATORS, gae, length_adaptive_lambda, masked_whiten, rollout_mismatch_metrics,
+from algos import (ADVANTAGES, KL_ESTIMATORS, adaptive_kl_coef, gae, length_adaptive_lambda, masked_whiten, rollout_mismatch_metrics,
                    truncated_is_weights)
 from rewards import CompositeReward
 from rlcore import checkpoint as ckpt
@@ -60,6 +60,7 @@ class Trainer:
                                        stop_token_ids=tuple(stop_token_ids(self.tokenizer, r.stop)))
         self.timer = Timer()
         self.step, self.eval_before = 0, None
+        self.kl_coef = cfg.algo.kl.coef  # the KL-in-reward coefficient; adapted when algo.kl.target is set
 
     # ------------------------------------------------------------------ the RL step
     def rl_step(self) -> dict[str, float]:
@@ -92,7 +93,8 @@ class Trainer:
             if self.critic is None:
                 advantages = ADVANTAGES[cfg.algo.estimator](scores=scores, group_ids=batch.group_ids, mask=batch.mask)
             else:
-                advantages, returns = self._gae(batch, scores, old_logprobs, ref_logprobs, values)
+                advantages, returns, kl_metrics = self._gae(batch, scores, old_logprobs, ref_logprobs, values)
+                correction_metrics |= kl_metrics
 
         # 7. update (VAPO value pretraining: the critic alone for its first steps)
         update_metrics = {}
@@ -122,13 +124,22 @@ class Trainer:
 
     def _gae(self, batch, scores, old_logprobs, ref_logprobs, values):
         """PPO / VAPO advantages (whitened) and critic returns from token rewards and the values."""
-        a = self.cfg.algo
-        rewards = token_rewards(scores, batch.mask, old_logprobs, ref_logprobs, a.kl)
-        lam = a.lam if not a.lam_length_alpha else length_adaptive_lambda(batch.mask.sum(-1), alpha=a.lam_length_alpha)
-        advantages, returns = gae(rewards, values, batch.mask, gamma=a.gamma, lam=lam)
+        a, mask = self.cfg.algo, batch.mask
+        rewards = score_rewards(scores, mask)
+        metrics = {}
+        if a.kl.placement == "reward" and self.kl_coef > 0:  # PPO: per-token KL penalty in the reward
+            kl = KL_ESTIMATORS[a.kl.estimator](old_logprobs, ref_logprobs) * mask
+            rewards = rewards - self.kl_coef * kl
+            seq_kl = (kl.sum(-1) / mask.sum(-1).clamp(min=1)).mean().item()
+            metrics = {"actor/kl_in_reward": seq_kl, "actor/kl_coef": self.kl_coef}
+            if a.kl.target is not None:
+                self.kl_coef = adaptive_kl_coef(self.kl_coef, seq_kl, target=a.kl.target, horizon=a.kl.horizon,
+                                                num_samples=len(scores))
+        lam = a.lam if not a.lam_length_alpha else length_adaptive_lambda(mask.sum(-1), alpha=a.lam_length_alpha)
+        advantages, returns = gae(rewards, values, mask, gamma=a.gamma, lam=lam)
         if a.lam_critic is not None:  # VAPO decoupled GAE: the critic's own lambda for its targets
-            _, returns = gae(rewards, values, batch.mask, gamma=a.gamma, lam=a.lam_critic)
-        return masked_whiten(advantages, batch.mask), returns
+            _, returns = gae(rewards, values, mask, gamma=a.gamma, lam=a.lam_critic)
+        return masked_whiten(advantages, mask), returns, metrics
 
     def _rollout_correction(self, batch, old_logprobs):
         """Truncated importance weights pi_old / pi_rollout (algo.rollout_correction), or None."""
@@ -184,7 +195,7 @@ class Trainer:
         return ckpt.save_checkpoint(
             self.run_dir, self.step, model=self.actor.model, tokenizer=self.tokenizer,
             optimizer=self.actor.optimizer, scheduler=self.actor.scheduler,
-            data_state={**self.sampler.state_dict(), "eval_before": self.eval_before},
+            data_state={**self.sampler.state_dict(), "eval_before": self.eval_before, "kl_coef": self.kl_coef},
             config_yaml=to_yaml(self.cfg), keep_last=self.cfg.trainer.keep_last, critic=self.critic)
 
     def resume(self, folder: Path) -> None:
@@ -195,6 +206,7 @@ class Trainer:
         state = ckpt.load_trainer_state(folder, optimizer=self.actor.optimizer, scheduler=self.actor.scheduler,
                                         critic=self.critic)
         self.eval_before = state["data"].pop("eval_before")
+        self.kl_coef = state["data"].pop("kl_coef")
         self.sampler.load_state_dict(state["data"])
         self.step = state["step"]
 
@@ -241,12 +253,9 @@ def build_critic(cfg: RLConfig, policy, *, pad_id: int, seqs_per_minibatch: int)
                   seqs_per_minibatch=seqs_per_minibatch, pad_id=pad_id, norm_len=cfg.rollout.max_new_tokens)
 
 
-def token_rewards(scores, mask, old_logprobs, ref_logprobs, kl) -> torch.Tensor:
-    """(B, T): each score on its sample's last valid token (spec §1.1), minus beta * KL per token when
-    algo.kl.placement=reward (computed from the trainer's old log-probs, k1 by default in PPO)."""
+def score_rewards(scores, mask) -> torch.Tensor:
+    """(B, T) token rewards: each score on its sample's last valid token (spec §1.1)."""
     last = (mask.sum(-1).long() - 1).clamp(min=0)  # (B,)
     rewards = torch.zeros_like(mask)
     rewards[torch.arange(len(scores)), last] = scores * (mask.sum(-1) > 0)
-    if kl.coef > 0 and kl.placement == "reward":
-        rewards = rewards - kl.coef * KL_ESTIMATORS[kl.estimator](old_logprobs, ref_logprobs) * mask
     return rewards

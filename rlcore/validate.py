@@ -83,6 +83,9 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
     one_of("algo.kl.placement", a.kl.placement, {"loss", "reward"})
     need(a.kl.placement == "loss" or cfg.critic.enabled,
          "algo.kl.placement=reward puts the KL into token rewards for GAE; it needs critic.enabled=true")
+    need(a.kl.target is None or (a.kl.target > 0 and a.kl.placement == "reward" and a.kl.coef > 0),
+         "algo.kl.target adapts the KL-in-reward coefficient: it needs algo.kl.placement=reward and algo.kl.coef > 0")
+    need(a.kl.horizon > 0, "algo.kl.horizon must be > 0")
     need(0 <= a.gamma <= 1 and 0 <= a.lam <= 1, "algo.gamma and algo.lam must be in [0, 1]")
     need(a.lam_critic is None or 0 <= a.lam_critic <= 1, "algo.lam_critic must be in [0, 1] (or unset)")
     need(a.lam_length_alpha >= 0 and a.positive_nll_coef >= 0,

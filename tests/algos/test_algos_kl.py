@@ -80,3 +80,14 @@ def test_k3_gradient():
     kl_penalty(logp, ref, "k3").sum().backward()
     torch.testing.assert_close(logp.grad, torch.tensor([[0.2, 1 - math.exp(-1), 0.0, 0.0]], dtype=torch.float64),
                                **TOL)
+
+
+def test_adaptive_kl_coef_by_hand():
+    from algos import adaptive_kl_coef
+
+    # KL above target by 50%: error clipped to +0.2; beta * (1 + 0.2 * 256 / 10000) = 0.1 * 1.00512.
+    assert adaptive_kl_coef(0.1, 0.15, target=0.1, horizon=10000, num_samples=256) == pytest.approx(0.100512, abs=1e-9)
+    # KL at 95% of target: error -0.05; 0.2 * (1 - 0.05 * 1000 / 10000) = 0.199.
+    assert adaptive_kl_coef(0.2, 0.095, target=0.1, horizon=10000, num_samples=1000) == pytest.approx(0.199, abs=1e-9)
+    # KL at 0: error clipped to -0.2.
+    assert adaptive_kl_coef(0.2, 0.0, target=0.1, horizon=100, num_samples=100) == pytest.approx(0.16, abs=1e-9)

@@ -136,7 +136,7 @@ def test_dapo_knobs_through_the_cli_with_constant_rewards(tmp_path):
 def test_ppo_with_critic_and_kl_in_reward_resumes_exactly(tmp_path, saved_model):
     """PPO: critic metrics logged, the value model checkpointed, and a resumed run equals a straight one."""
     args = ["ppo_arith", *SHORT, "trainer.save_every=1", "trainer.export=false", "algo.kl.coef=0.01",
-            "algo.kl.placement=reward", "algo.kl.estimator=k1"]
+            "algo.kl.placement=reward", "algo.kl.estimator=k1", "algo.kl.target=0.001"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_cli("train", *args, "trainer.total_steps=3", f"trainer.output_dir={straight}", cwd=tmp_path)
     run_cli("train", *args, "trainer.total_steps=2", f"trainer.output_dir={resumed}", cwd=tmp_path)
@@ -145,7 +145,8 @@ def test_ppo_with_critic_and_kl_in_reward_resumes_exactly(tmp_path, saved_model)
     assert "resumed from" in proc.stderr
     a, b = ([m for m in read_metrics(r) if "critic/value_loss" in m] for r in (straight, resumed))
     assert len(a) == len(b) == 3
-    for key in ("critic/value_loss", "critic/value_mean", "actor/pg_loss", "reward/mean"):
+    assert len({m["actor/kl_coef"] for m in a}) == 3  # the adaptive controller moved the coefficient each step
+    for key in ("critic/value_loss", "critic/value_mean", "actor/pg_loss", "reward/mean", "actor/kl_coef"):
         assert [m[key] for m in a] == pytest.approx([m[key] for m in b], abs=1e-6), key
 
 
