@@ -39,6 +39,13 @@ def check_rloo(fn):
     _approx(adv, [[1.0] * 2, [-1 / 3] * 2, [-1 / 3] * 2, [-1 / 3, 0.0]])
 
 
+def check_reinforce_pp(fn):
+    # scores [1, 0], lengths [2, 1] -> return-to-go [1, 1] and [0]; masked values {1, 1, 0}: mean 2/3,
+    # unbiased var ((1/3)^2 * 2 + (2/3)^2) / 2 = 1/3 -> whitened 1/3 / sqrt(1/3) = 0.57735, -2/3 / sqrt(1/3) = -1.154701.
+    adv = fn(scores=torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]), mask=torch.tensor([[1.0, 1.0], [1.0, 0.0]]))
+    torch.testing.assert_close(adv, torch.tensor([[0.577350, 0.577350], [-1.154701, 0.0]]), rtol=1e-5, atol=1e-6)
+
+
 def check_vanilla(fn):
     # ρ = [e, 1/e], A = [1, −1], ε = 0.2: losses max(−e, −1.2) = −1.2 and max(1/e, 0.8) = 0.8;
     # token-mean = −0.2, both tokens clipped.
@@ -100,6 +107,7 @@ CHECKS = {
     ("advantages", "grpo"): check_grpo,
     ("advantages", "drgrpo"): check_drgrpo,
     ("advantages", "rloo"): check_rloo,
+    ("advantages", "reinforce_pp"): check_reinforce_pp,
     ("policy_losses", "vanilla"): check_vanilla,
     ("policy_losses", "gspo"): check_gspo,
     ("kl_estimators", "k1"): check_k1,
