@@ -1,7 +1,8 @@
 """The trainer: one RL step, visible top to bottom, and the loop around it.
 
 Every rank runs the same code (SPMD). An algorithm is a preset of the knobs this step reads
-(estimator, policy loss, aggregation, KL); there is no trainer per algorithm.
+(estimator or critic, policy loss, aggregation, KL placement, filters, shaping); there is no trainer
+per algorithm.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from algos import (ADVANTAGES, KL_ESTIMATORS, adaptive_kl_coef, gae, length_adaptive_lambda, masked_whiten, rollout_mismatch_metrics,
-                   truncated_is_weights)
+from algos import (ADVANTAGES, KL_ESTIMATORS, adaptive_kl_coef, gae, length_adaptive_lambda, masked_whiten,
+                   rollout_mismatch_metrics, truncated_is_weights)
 from rewards import CompositeReward
 from rlcore import checkpoint as ckpt
 from rlcore.actor import Actor, batched_logprobs
@@ -45,7 +46,7 @@ class Trainer:
         # The reference is the initial policy, frozen; kept only when a KL term needs it.
         self.ref = _frozen(copy.deepcopy(policy)) if cfg.algo.kl.coef > 0 else None
         self.engine = ENGINES[cfg.rollout.engine](
-            _frozen(copy.deepcopy(policy)), eos_token_ids=[self.tokenizer.eos_token_id],
+            _frozen(copy.deepcopy(policy)), eos_token_ids=eos_token_ids(self.tokenizer, policy),
             pad_token_id=self.tokenizer.pad_token_id, mode=cfg.rollout.mode)
         self.actor = Actor(policy, cfg, pad_id=self.tokenizer.pad_token_id,
                            seqs_per_minibatch=plan.seqs_per_minibatch_per_rank)
@@ -218,6 +219,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """The tokenizer's EOS plus the model's generation_config EOS ids (chat models often list several,
+    e.g. an end-of-turn token besides end-of-text)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return list(dict.fromkeys(i for i in ids if i is not None))
 
 
 def stop_token_ids(tokenizer, stops: list[str]) -> list[int]:
