@@ -14,7 +14,7 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor
-from transformers import AutoModelForTokenClassification
+from transformers import AutoConfig, AutoModelForTokenClassification
 
 from algos import masked_mean, value_loss
 from rlcore.actor import micro_batches
@@ -45,9 +45,12 @@ def build_value_model(policy) -> torch.nn.Module:
 
 
 def load_value_model(path: str) -> torch.nn.Module:
-    """A saved value model from a local folder (nothing is downloaded)."""
-    return AutoModelForTokenClassification.from_pretrained(path, num_labels=1, classifier_dropout=0.0,
-                                                           local_files_only=True)
+    """A saved value model, or an outcome reward model (one-label sequence classifier: same trunk and
+    `score` names), from a local folder; nothing is downloaded."""
+    # Through the config: a reward model's saved config may lack classifier_dropout, and an unknown
+    # keyword would reach the model's __init__.
+    config = _value_config(AutoConfig.from_pretrained(path, local_files_only=True))
+    return AutoModelForTokenClassification.from_pretrained(path, config=config, local_files_only=True)
 
 
 def response_values(model, prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor, *,

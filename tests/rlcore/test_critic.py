@@ -124,3 +124,21 @@ def test_value_clip_binds_when_old_values_are_far():
     # v = 0 is clamped to -5 + 1e-3: loss = 0.5 · (−4.999 − 1)² on every token
     assert metrics["critic/value_loss"] == pytest.approx(0.5 * (1 + 5 - 1e-3) ** 2, rel=1e-5)
     assert metrics["critic/grad_norm"] == 0.0  # every token clipped: no gradient
+
+
+def test_critic_starts_from_a_saved_reward_model(tmp_path):
+    """critic.path may point at an outcome reward model (sequence classification, one label): its
+    trunk and score head load into the token-level value model under the same names."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlcore.critic import load_value_model
+
+    policy = tiny_model(40, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    config = policy.config
+    config.num_labels = 1
+    torch.manual_seed(3)
+    orm = AutoModelForSequenceClassification.from_config(config)
+    orm.save_pretrained(tmp_path)
+    value = load_value_model(str(tmp_path))
+    torch.testing.assert_close(value.score.weight, orm.score.weight)
+    torch.testing.assert_close(value.model.embed_tokens.weight, orm.model.embed_tokens.weight)
