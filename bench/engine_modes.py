@@ -21,9 +21,9 @@ import sys
 import time
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, run as a script
+from rlcore.models import tiny_model  # noqa: E402
 from rollout import HFEngine, SamplingParams  # noqa: E402
 
 VOCAB = 128
@@ -35,17 +35,8 @@ NUM_PROMPTS, PROMPT_LEN, SAMPLES_PER_PROMPT, MAX_NEW_TOKENS = 16, 12, 8, 32
 
 
 def build_model(hidden: int, layers: int, heads: int, kv_heads: int, inter: int, device: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        intermediate_size=inter,
-        tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM(config).to(device)
+    return tiny_model(VOCAB, hidden_size=hidden, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
+                      intermediate_size=inter, seed=0).to(device)
 
 
 def time_once(engine: HFEngine, prompts: list[list[int]], sampling: SamplingParams, seed: int) -> tuple[float, int]:
