@@ -24,6 +24,7 @@ uniform dispatch table; the trainer imports and calls them directly):
     value.py        value_loss                                             (critic loss)
     shaping.py      overlong_penalty                                       (reward shaping)
     correction.py   truncated_is_weights, rollout_mismatch_metrics         (rollout mismatch, TIS)
+    process.py      grpo_process_advantages, step_token_rewards            (PRM step rewards)
 """
 
 # Importing the modules fills the registries.
@@ -34,6 +35,7 @@ from algos.correction import rollout_mismatch_metrics, truncated_is_weights
 from algos.gae import gae, length_adaptive_lambda, reinforce_pp_advantages
 from algos.kl import adaptive_kl_coef, kl_penalty
 from algos.losses import entropy_from_logits, gspo_loss, policy_loss
+from algos.process import grpo_process_advantages, step_token_rewards
 from algos.shaping import overlong_penalty
 from algos.value import value_loss
 
@@ -42,5 +44,5 @@ __all__ = [
     "aggregate", "masked_mean", "masked_whiten", "grpo_advantages", "drgrpo_advantages", "rloo_advantages",
     "gae", "reinforce_pp_advantages", "length_adaptive_lambda", "kl_penalty", "adaptive_kl_coef", "entropy_from_logits",
     "policy_loss", "gspo_loss", "value_loss", "overlong_penalty", "truncated_is_weights",
-    "rollout_mismatch_metrics",
+    "rollout_mismatch_metrics", "grpo_process_advantages", "step_token_rewards",
 ]
