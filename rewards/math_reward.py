@@ -8,10 +8,12 @@ disabled here (parsing_timeout=None, timeout_seconds=None); the worker pool in
 
 import functools
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from rewards.registry import register
+from rewards.rule import last_boxed
 
 # Delimiters that make a gold string "not bare": Math-Verify finds LaTeX only inside them.
 _MATH_DELIMITERS = ("$", "\\boxed", "\\(", "\\[")
@@ -26,9 +28,11 @@ def _math_verify() -> tuple[Any, Any, list]:
     # It warns once that timeouts are off; that is deliberate here (see module docstring).
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     # Spec §7 reward config: boxed answers first, LaTeX only with an anchor ("answer is",
-    # \boxed, ...), strict normalisation; ExprExtractionConfig adds plain numbers ("the answer is 42").
+    # \boxed, ...); ExprExtractionConfig adds plain numbers ("the answer is 42"). One deviation:
+    # malformed_operators=True, so the common shorthand "\frac14" reads as 1/4 (Math-Verify's own
+    # default; with False it scored 0 against a gold of 0.25, disagreeing with Math-Verify).
     norm = NormalizationConfig(
-        basic_latex=True, units=True, malformed_operators=False, nits=False, boxed="all", equations=False
+        basic_latex=True, units=True, malformed_operators=True, nits=False, boxed="all", equations=False
     )
     pred_config = [
         LatexExtractionConfig(normalization_config=norm, boxed_match_priority=0, try_extract_without_anchor=False),
@@ -64,12 +68,26 @@ def math_reward(prompt: str, response: str, row: Mapping[str, Any], *, answer_ke
     """1.0 if Math-Verify finds the response's answer equal to row[answer_key], else 0.0.
 
     Gold is parsed first and passed first: verify(gold, pred) is asymmetric (intervals
-    vs inequalities, equation chains). Prediction: first match, \\boxed{} preferred.
+    vs inequalities, equation chains). Prediction: first match, \\boxed{} preferred; when
+    Math-Verify extracts nothing, the last balanced \\boxed{...} and then the last plain number
+    are tried (an unclosed \\boxed{ of a truncated answer is not).
     """
     parse, verify, pred_config = _math_verify()
     gold = parse_gold(str(row[answer_key]))
     pred = parse(response, extraction_config=pred_config, extraction_mode="first_match", parsing_timeout=None)
+    if not pred:  # nothing Math-Verify recognises: fall back to the last \boxed{} or the last number
+        fallback = last_boxed(response)
+        if fallback is None:
+            numbers = _PLAIN_NUMBER.findall(response)
+            fallback = numbers[-1] if numbers else None
+        if fallback is None:
+            return 0.0
+        pred = parse(f"${fallback}$", parsing_timeout=None)
     return float(verify(gold, pred, timeout_seconds=None))
+
+
+# A number standing alone: not part of a LaTeX command argument ("\frac12"), an exponent or a word.
+_PLAIN_NUMBER = re.compile(r"(?<![\\\w^_{.])-?\d+(?:\.\d+)?(?!\w|\.\d)")
 
 
 math_reward.warmup = warmup

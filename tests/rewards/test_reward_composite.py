@@ -119,3 +119,30 @@ def test_closed_composite_refuses_work_and_mismatched_lengths_raise():
     reward.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         reward(["a"], ["a"], [{"answer": "a"}])
+
+
+def test_math_timeout_is_honoured_from_a_worker_thread():
+    # 9^(9^(9^9)) makes SymPy evaluate a number with ~10^(10^8) digits: it never finishes. Called from a
+    # thread (where Math-Verify's SIGALRM timeouts cannot work), the pool's limit still stops it, the
+    # sample scores 0 and is counted, and the next batch is scored normally.
+    out = {}
+
+    def score():
+        try:
+            with CompositeReward([("math", 1.0, {})], timeout_s=2.0, num_workers=1) as reward:
+                reward(["p"], ["\\boxed{1}"], [{"answer": "1"}])  # wait for the worker to start
+                start = time.perf_counter()
+                out["hung"] = reward(["p", "p"], ["\\boxed{9^{9^{9^{9}}}}", "\\boxed{2}"], [{"answer": "3"}, {"answer": "2"}])
+                out["seconds"] = time.perf_counter() - start
+                out["after"] = reward(["p"], ["\\boxed{1}"], [{"answer": "1"}])
+        except BaseException as e:
+            out["error"] = e
+
+    thread = threading.Thread(target=score)
+    thread.start()
+    thread.join(timeout=120)
+    assert "error" not in out, out.get("error")
+    assert out["hung"].components["math"] == [0.0, 1.0]
+    assert out["hung"].metrics["reward/math/timeouts"] == 1.0
+    assert out["seconds"] < 2.0 + 30.0  # the limit plus a replacement worker's start on a loaded machine
+    assert out["after"].scores == [1.0]
