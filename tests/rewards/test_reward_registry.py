@@ -5,7 +5,8 @@ import pytest
 from rewards import REWARDS, CompositeReward, register, resolve_reward
 
 # Registry gate (STYLE §22): every built-in needs a test; add yours here with its test file.
-TESTED = {"exact": "test_reward_rule.py", "format": "test_reward_rule.py", "math": "test_reward_math.py"}
+TESTED = {"exact": "test_reward_rule.py", "format": "test_reward_rule.py", "math": "test_reward_math.py",
+          "contains": "test_reward_rule.py", "choice": "test_reward_rule.py", "length": "test_reward_rule.py"}
 
 
 def test_every_registered_reward_is_tested():
