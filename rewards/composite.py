@@ -1,4 +1,5 @@
-"""Weighted sum of rewards, scored in worker processes with a time limit per call."""
+"""Weighted sum of rewards: rule rewards in worker processes with a time limit per call, model rewards
+(`orm`, `prm`) in this process, batch by batch (see rewards.model_terms)."""
 
 import inspect
 import logging
@@ -7,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rewards.model_terms import MODEL_REWARDS, build_model_term, step_metrics
 from rewards.pool import WorkerPool
 from rewards.registry import resolve_reward
 from rewards.user import USER_PREFIX, canonical_user_name
@@ -25,12 +27,18 @@ class RewardResult:
     components: component key -> (B,) unweighted scores; key = reward name (file.fn for a
     python: reward), or
         name_<i> for the i-th spec when an earlier spec has the same name.
-    metrics: reward/<key>/mean, reward/<key>/errors, reward/<key>/timeouts (sample counts).
+    metrics: reward/<key>/mean, reward/<key>/errors, reward/<key>/timeouts (sample counts); for a
+    prm term also its step statistics (reward/<key>/step_mean, ...).
+    step_scores / step_char_ends: with a dense prm term, per sample and step, the step score times
+    the term's weight and the step's end offset in the response text; None otherwise. A dense term
+    adds nothing to `scores`.
     """
 
     scores: list[float]
     components: dict[str, list[float]]
     metrics: dict[str, float]
+    step_scores: list[list[float]] | None = None
+    step_char_ends: list[list[int]] | None = None
 
 
 class CompositeReward:
@@ -41,10 +49,12 @@ class CompositeReward:
     or runs past `timeout_s` scores 0.0 and is counted, never raised (calls raise only on
     mismatched lengths or a worker that cannot start). `keys` / `weights` follow spec order.
     Workers start in the constructor (spawned, ~0.2 s; ~1.3 s with `math`, which imports
-    Math-Verify) and live until `close()` or the end of a `with` block.
+    Math-Verify) and live until `close()` or the end of a `with` block. Model terms (`orm`, `prm`)
+    load their model in the constructor, on `device`; at most one prm term may be dense.
     """
 
-    def __init__(self, specs: Sequence[RewardSpec], *, timeout_s: float = 10.0, num_workers: int = 2):
+    def __init__(self, specs: Sequence[RewardSpec], *, timeout_s: float = 10.0, num_workers: int = 2,
+                 device: str = "cpu"):
         if not specs:
             raise ValueError("reward: no reward specs; set reward: [{name: ..., weight: ...}]")
         if not timeout_s > 0:
@@ -52,15 +62,29 @@ class CompositeReward:
         if num_workers < 1:
             raise ValueError(f"reward num_workers must be >= 1, got {num_workers}")
         worker_names, self.weights, kwargs_list, self.keys = [], [], [], []
+        self._rule_terms: list[int] = []  # spec index of each worker-pool reward, in pool order
+        self._model_terms: dict[int, Any] = {}  # spec index -> ORMTerm / PRMTerm
         for i, spec in enumerate(specs):
             name, weight, kwargs = _check_spec(i, spec)
-            worker_names.append(canonical_user_name(name) if name.startswith(USER_PREFIX) else name)
             self.weights.append(weight)
-            kwargs_list.append(kwargs)
             # python:dir/file.py:fn logs as file.fn: a path makes an unreadable TensorBoard tag.
             short = _short_name(name)
             self.keys.append(f"{short}_{i}" if short in map(_short_name, [s[0] for s in specs[:i]]) else short)
-        self._pool = WorkerPool(worker_names, kwargs_list, num_workers=num_workers, timeout_s=timeout_s)
+            if name in MODEL_REWARDS:
+                try:
+                    self._model_terms[i] = build_model_term(name, kwargs, device=device)
+                except Exception as e:
+                    raise _indexed(e, i) from e
+                continue
+            self._rule_terms.append(i)
+            worker_names.append(canonical_user_name(name) if name.startswith(USER_PREFIX) else name)
+            kwargs_list.append(kwargs)
+        dense = [i for i, term in self._model_terms.items() if term.dense]
+        if len(dense) > 1:
+            raise ValueError(f"reward[{dense[1]}]: only one prm term may be dense (reward[{dense[0]}] is too)")
+        self._dense = dense[0] if dense else None
+        self._pool = WorkerPool(worker_names, kwargs_list, num_workers=num_workers, timeout_s=timeout_s) \
+            if worker_names else None
 
     def __call__(
         self, prompts: Sequence[str], responses: Sequence[str], rows: Sequence[Mapping[str, Any]]
@@ -68,24 +92,33 @@ class CompositeReward:
         n = len(responses)
         if len(prompts) != n or len(rows) != n:
             raise ValueError(f"got {len(prompts)} prompts, {n} responses, {len(rows)} rows; need one each per sample")
-        num_rewards = len(self.keys)
-        # One task per (sample, reward): a slow reward on one sample delays nothing else.
-        tasks = [(c, prompts[i], responses[i], rows[i]) for i in range(n) for c in range(num_rewards)]
-        outcomes = self._pool.run(tasks)
+        num_rules = len(self._rule_terms)
+        # One task per (sample, rule reward): a slow reward on one sample delays nothing else.
+        tasks = [(c, prompts[i], responses[i], rows[i]) for i in range(n) for c in range(num_rules)]
+        outcomes = self._pool.run(tasks) if self._pool is not None else []
 
         components = {key: [0.0] * n for key in self.keys}
         errors = {key: [] for key in self.keys}
         timeouts = dict.fromkeys(self.keys, 0)
         for t, (value, error, timed_out) in enumerate(outcomes):
-            i, c = divmod(t, num_rewards)
-            key = self.keys[c]
+            i, c = divmod(t, num_rules)
+            key = self.keys[self._rule_terms[c]]
             components[key][i] = value
             if timed_out:
                 timeouts[key] += 1
             elif error is not None:
                 errors[key].append(error)
 
-        metrics = {}
+        metrics, steps = {}, None
+        for c, term in self._model_terms.items():
+            out = term(prompts, responses)
+            if len(out.scores) != n:
+                raise RuntimeError(f"reward[{c}] ({self.keys[c]}) returned {len(out.scores)} scores for {n} samples")
+            components[self.keys[c]] = out.scores
+            if out.step_scores is not None:
+                metrics |= step_metrics(self.keys[c], out.step_scores)
+            if c == self._dense:
+                steps = ([[self.weights[c] * v for v in s] for s in out.step_scores], out.char_ends)
         for key in self.keys:
             metrics[f"reward/{key}/mean"] = sum(components[key]) / n if n else 0.0
             metrics[f"reward/{key}/errors"] = float(len(errors[key]))
@@ -95,12 +128,20 @@ class CompositeReward:
                     "reward %s: %d of %d samples raised, %d timed out (scored 0); first error: %s",
                     key, len(errors[key]), n, timeouts[key], errors[key][0] if errors[key] else "-",
                 )
-        scores = [sum(w * components[key][i] for key, w in zip(self.keys, self.weights)) for i in range(n)]
-        return RewardResult(scores=scores, components=components, metrics=metrics)
+        outcome_terms = [(key, w) for c, (key, w) in enumerate(zip(self.keys, self.weights)) if c != self._dense]
+        scores = [sum(w * components[key][i] for key, w in outcome_terms) for i in range(n)]
+        return RewardResult(scores=scores, components=components, metrics=metrics,
+                            step_scores=steps[0] if steps else None, step_char_ends=steps[1] if steps else None)
+
+    @property
+    def is_dense(self) -> bool:
+        """True when a prm term gives step rewards (RewardResult.step_scores is filled)."""
+        return self._dense is not None
 
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""
-        self._pool.close()
+        if self._pool is not None:
+            self._pool.close()
 
     def __enter__(self) -> "CompositeReward":
         return self
@@ -121,6 +162,8 @@ def _check_spec(i: int, spec: RewardSpec) -> tuple[str, float, dict]:
         raise TypeError(f"reward[{i}] ({name}): weight must be a finite number, got {weight!r}")
     if not isinstance(kwargs, Mapping):
         raise TypeError(f"reward[{i}] ({name}): kwargs must be a mapping, got {kwargs!r}")
+    if name in MODEL_REWARDS:  # checked when the model term is built
+        return name, float(weight), dict(kwargs)
     try:
         fn = resolve_reward(name)
     except Exception as e:

@@ -31,6 +31,8 @@ def resolve_reward(name: str) -> RewardFn:
     if name.startswith(USER_PREFIX):
         return load_user_fn(name)
     if name not in REWARDS:
-        valid = ", ".join(sorted(REWARDS))
+        from rewards.model_terms import MODEL_REWARDS
+
+        valid = ", ".join(sorted([*REWARDS, *MODEL_REWARDS]))
         raise ValueError(f"unknown reward {name!r}; valid names: {valid}, or {USER_PREFIX}path/to/file.py:fn")
     return REWARDS[name]

@@ -56,6 +56,30 @@ class RolloutBatch:
 
 
 @dataclass(frozen=True)
+class StepRewards:
+    """Process-reward steps of a rollout, padded to S = the most steps of any sample."""
+
+    rewards: Tensor
+    """(B, S) float, the step scores times the prm term's weight."""
+    ends: Tensor
+    """(B, S) long, the response-token index of each step's last token."""
+    mask: Tensor
+    """(B, S) float, 1 on real steps."""
+
+    @staticmethod
+    def from_lists(steps: list[tuple[list[float], list[int]]]) -> "StepRewards":
+        """steps: per sample, (step scores, step-end token indices) of equal length."""
+        S = max(1, max(len(r) for r, _ in steps))
+        rewards, ends, mask = torch.zeros(len(steps), S), torch.zeros(len(steps), S, dtype=torch.long), \
+            torch.zeros(len(steps), S)
+        for i, (r, e) in enumerate(steps):
+            if len(r) != len(e):
+                raise ValueError(f"sample {i}: {len(r)} step scores but {len(e)} step ends")
+            rewards[i, :len(r)], ends[i, :len(e)], mask[i, :len(r)] = torch.tensor(r), torch.tensor(e), 1.0
+        return StepRewards(rewards, ends, mask)
+
+
+@dataclass(frozen=True)
 class TrainBatch:
     """Everything the update needs, all (B, T) float over response tokens unless noted."""
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 from rlcore.config import RLConfig
 from rlcore.data import Prompts, load_prompts
 from rlcore.models import char_tokenizer, load_model, load_tokenizer, tiny_model
-from rlcore.warmstart import cached_warmstart
+from rlcore.warmstart import cache_key, cache_root, cached_warmstart
 
 
 def build_tokenizer(cfg: RLConfig):
@@ -54,3 +55,36 @@ def _data_identity(cfg: RLConfig) -> dict:
 
 def build_data(cfg: RLConfig, tokenizer) -> tuple[Prompts, Prompts | None]:
     return load_prompts(cfg.data, tokenizer, seed=cfg.trainer.seed)
+
+
+def reward_specs(cfg: RLConfig, tokenizer) -> list[tuple[str, float, dict]]:
+    """(name, weight, args) per reward term; a reward model with path 'tiny' is built for the policy's
+    tokenizer (random init, seeded; for CPU recipes and tests) and cached like the warm start."""
+    specs = []
+    for term in cfg.reward.terms:
+        args = dict(term.args)
+        if term.name in ("orm", "prm") and args.get("path") == "tiny":
+            args["path"] = str(_tiny_reward_model(term.name, args.get("convention", "qwen"), tokenizer, cfg))
+        specs.append((term.name, term.weight, args))
+    return specs
+
+
+def _tiny_reward_model(name: str, convention: str, tokenizer, cfg: RLConfig) -> Path:
+    from rewards.orm import build_tiny_orm
+    from rewards.prm import build_tiny_prm
+
+    source = cfg.model.path and str(Path(cfg.model.path).resolve())
+    key = {"reward_model": name, "convention": convention if name == "prm" else None,
+           "tokenizer": source or "char-v1", "seed": cfg.trainer.seed, "version": 1}
+    folder = cache_root() / "tiny-reward" / cache_key(key)
+    if not (folder / "config.json").is_file():
+        model, tok = build_tiny_prm(tokenizer, convention=convention, seed=cfg.trainer.seed) if name == "prm" \
+            else build_tiny_orm(tokenizer, seed=cfg.trainer.seed)
+        tmp = folder.with_name(f".tmp_{folder.name}_{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another run built the same model first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -138,6 +138,7 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 def ls() -> int:
     from algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES
     from rewards import REWARDS
+    from rewards.model_terms import MODEL_REWARDS
     from rlcore.tasks import TASKS
     from rollout import ENGINES
 
@@ -149,7 +150,7 @@ def ls() -> int:
                          ("policy losses (algo.policy_loss.name)", POLICY_LOSSES),
                          ("loss aggregations (algo.aggregation)", AGGREGATIONS),
                          ("KL estimators (algo.kl.estimator)", KL_ESTIMATORS),
-                         ("rewards (reward.terms[i].name; also python:path/file.py:fn)", REWARDS),
+                         ("rewards (reward.terms[i].name; also python:path/file.py:fn)", [*REWARDS, *MODEL_REWARDS]),
                          ("rollout engines (rollout.engine)", ENGINES),
                          ("synthetic tasks (data.task.name)", TASKS)]:
         print(f"{title}:\n  " + ", ".join(sorted(table)))

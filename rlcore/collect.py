@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from algos import overlong_penalty
-from rlcore.batch import RolloutBatch
+from rewards.steps import step_end_tokens
+from rlcore.batch import RolloutBatch, StepRewards
 
 
 @dataclass(frozen=True)
@@ -31,14 +32,16 @@ class Collected:
     """Every prompt index drawn this step, in order (for audit and resume checks)."""
     examples: list[tuple[str, str, float]]
     """(prompt, response, reward) of the first samples, for the TensorBoard text."""
+    steps: StepRewards | None = None
+    """With a dense process reward: the kept samples' weighted step scores and step-end tokens."""
 
 
 def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, timer) -> Collected:
     f, cache_len = cfg.algo.filter, cfg.algo.shaping.overlong_cache_tokens
     need, n = cfg.train.prompts_per_step, cfg.rollout.samples_per_prompt
-    kept_prompts, kept_samples, kept_scores = [], [], []
+    kept_prompts, kept_samples, kept_scores, kept_steps = [], [], [], []
     drawn: list[int] = []
-    scores_all, components, failures, examples = [], defaultdict(list), defaultdict(float), []
+    scores_all, components, other, examples = [], defaultdict(list), defaultdict(list), []
     rounds = num_constant = 0
     while len(kept_prompts) < need and rounds < (f.max_rounds if f.drop_constant_groups else 1):
         rounds += 1
@@ -56,6 +59,7 @@ def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, ti
             penalty = overlong_penalty(lengths, max_len=cfg.rollout.max_new_tokens, cache_len=cache_len) \
                 if cache_len else None
         scores = scores if penalty is None else scores + penalty
+        steps = _steps(result, flat, tokenizer) if result.step_scores is not None else None
         scores_all += scores.tolist()
         for key, values in result.components.items():  # reward terms first: the first is the accuracy
             components[key] += values
@@ -63,18 +67,21 @@ def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, ti
             components["overlong"] += penalty.tolist()
         for key, value in result.metrics.items():
             if not key.endswith("/mean"):
-                failures[key] += value
+                other[key].append(value)
         examples = examples or list(zip(texts, responses, scores.tolist()))[:4]
         grouped = scores.view(len(idx), n)  # (P, G)
-        has_signal = grouped.max(1).values > grouped.min(1).values
+        # A group has signal when its samples differ in score or in their summed step rewards.
+        total = grouped if steps is None else grouped + torch.tensor([sum(r) for r, _ in steps]).view(len(idx), n)
+        has_signal = total.max(1).values > total.min(1).values
         num_constant += int((~has_signal).sum())
         keep = has_signal | (not f.drop_constant_groups)
         for j in keep.nonzero()[:, 0].tolist()[: need - len(kept_prompts)]:
             kept_prompts.append(prompts.token_ids[idx[j]])
             kept_samples.append(samples[j])
             kept_scores.append(grouped[j])
+            kept_steps += steps[j * n:(j + 1) * n] if steps else []
 
-    metrics = _reward_metrics(scores_all, components, failures)
+    metrics = _reward_metrics(scores_all, components, other)
     if f.drop_constant_groups:
         metrics |= {"filter/dropped_frac": num_constant / len(drawn), "filter/rounds": float(rounds),
                     "filter/hit_max_rounds": float(len(kept_prompts) < need)}
@@ -83,15 +90,31 @@ def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, ti
                   "(algo.filter.max_rounds); training on those", file=sys.stderr)
         if not kept_prompts:  # nothing has signal: train on the last round (all advantages are 0)
             kept_prompts = [prompts.token_ids[i] for i in idx]
-            kept_samples, kept_scores = samples, list(grouped)
+            kept_samples, kept_scores, kept_steps = samples, list(grouped), steps or []
     batch = RolloutBatch.from_samples(kept_prompts, kept_samples)
-    return Collected(batch, torch.cat(kept_scores), metrics, drawn, examples)
+    step_rewards = StepRewards.from_lists(kept_steps) if kept_steps else None
+    return Collected(batch, torch.cat(kept_scores), metrics, drawn, examples, step_rewards)
 
 
-def _reward_metrics(scores: list[float], components: dict, failures: dict) -> dict[str, float]:
+def _steps(result, flat, tokenizer) -> list[tuple[list[float], list[int]]]:
+    """Per sample: (weighted step scores, the policy-token index where each step ends)."""
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    out = []
+    for (_, s), scores, char_ends in zip(flat, result.step_scores, result.step_char_ends):
+        ends = step_end_tokens(decode, s.token_ids, char_ends)
+        out.append((scores[:len(ends)], ends))  # a step sharing its last token with the one before is dropped
+    return out
+
+
+def _reward_metrics(scores: list[float], components: dict, other: dict) -> dict[str, float]:
+    """Over every round: means of the scores and components; counts (errors, timeouts, samples with
+    no steps) summed, the other per-round statistics (a PRM's step statistics) averaged."""
     t = torch.tensor(scores)
     first = next(iter(components.values()))
     metrics = {"reward/mean": t.mean().item(), "reward/std": t.std().item() if len(t) > 1 else 0.0,
                "reward/accuracy": float(sum(first) / len(first))}
     metrics |= {f"reward/{key}/mean": sum(v) / len(v) for key, v in components.items()}
-    return metrics | dict(failures)
+    counts = ("/errors", "/timeouts", "/no_step_samples")
+    return metrics | {key: sum(v) if key.endswith(counts) else sum(v) / len(v) for key, v in other.items()}

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from algos import (ADVANTAGES, KL_ESTIMATORS, adaptive_kl_coef, gae, length_adaptive_lambda, masked_whiten,
-                   rollout_mismatch_metrics, truncated_is_weights)
+from algos import (ADVANTAGES, KL_ESTIMATORS, adaptive_kl_coef, gae, grpo_process_advantages, length_adaptive_lambda,
+                   masked_whiten, rollout_mismatch_metrics, step_token_rewards, truncated_is_weights)
 from rewards import CompositeReward
 from rlcore import checkpoint as ckpt
 from rlcore.actor import Actor, batched_logprobs
 from rlcore.batch import TrainBatch
-from rlcore.build import build_data, build_policy, build_tokenizer
+from rlcore.build import build_data, build_policy, build_tokenizer, reward_specs
 from rlcore.collect import collect
 from rlcore.critic import Critic, build_value_model, load_value_model
 from rlcore.config import RLConfig
@@ -53,8 +53,8 @@ class Trainer:
         self.critic = build_critic(cfg, policy, pad_id=self.tokenizer.pad_token_id,
                                    seqs_per_minibatch=plan.seqs_per_minibatch_per_rank)
         self.sampler = PromptSampler(len(self.train_prompts), seed=cfg.trainer.seed)
-        self.reward_fn = CompositeReward([(t.name, t.weight, dict(t.args)) for t in cfg.reward.terms],
-                                         timeout_s=cfg.reward.timeout_s, num_workers=cfg.reward.num_workers)
+        self.reward_fn = CompositeReward(reward_specs(cfg, self.tokenizer), timeout_s=cfg.reward.timeout_s,
+                                         num_workers=cfg.reward.num_workers, device=plan.device)
         r = cfg.rollout
         self.sampling = SamplingParams(n=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
                                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
@@ -75,7 +75,7 @@ class Trainer:
         rollout = collect(cfg=cfg, sampler=self.sampler, prompts=self.train_prompts, engine=self.engine,
                           sampling=self.sampling, tokenizer=self.tokenizer, reward_fn=self.reward_fn, timer=t)
         self.engine.sleep()
-        batch, scores = rollout.batch, rollout.scores
+        batch, scores, steps = rollout.batch, rollout.scores, rollout.steps  # steps: dense PRM rewards or None
 
         # 5. log-probs: old (the actor now), reference (if KL); check them against the engine's
         with t("logprobs"):
@@ -89,12 +89,16 @@ class Trainer:
             with t("values"):
                 values = self.critic.values(batch.prompt_ids, batch.response_ids, batch.mask)
 
-        # 6. advantages: group-relative from scores, or GAE over token rewards with the critic (PPO)
+        # 6. advantages: group-relative from scores (+ process advantages from PRM steps, spec §2.2),
+        #    or GAE over token rewards with the critic (PPO; PRM steps on their last tokens, spec §6)
         with t("advantages"):
             if self.critic is None:
                 advantages = ADVANTAGES[cfg.algo.estimator](scores=scores, group_ids=batch.group_ids, mask=batch.mask)
+                if steps is not None:
+                    advantages = advantages + grpo_process_advantages(
+                        steps.rewards, steps.ends, steps.mask, batch.group_ids, batch.mask)
             else:
-                advantages, returns, kl_metrics = self._gae(batch, scores, old_logprobs, ref_logprobs, values)
+                advantages, returns, kl_metrics = self._gae(batch, scores, steps, old_logprobs, ref_logprobs, values)
                 correction_metrics |= kl_metrics
 
         # 7. update (VAPO value pretraining: the critic alone for its first steps)
@@ -123,10 +127,12 @@ class Trainer:
             "perf/generated_tokens": lengths.sum().item(),
         }
 
-    def _gae(self, batch, scores, old_logprobs, ref_logprobs, values):
+    def _gae(self, batch, scores, steps, old_logprobs, ref_logprobs, values):
         """PPO / VAPO advantages (whitened) and critic returns from token rewards and the values."""
         a, mask = self.cfg.algo, batch.mask
         rewards = score_rewards(scores, mask)
+        if steps is not None:  # process rewards: each step's score on its last token
+            rewards = rewards + step_token_rewards(steps.rewards, steps.ends, steps.mask, mask)
         metrics = {}
         if a.kl.placement == "reward" and self.kl_coef > 0:  # PPO: per-token KL penalty in the reward
             kl = KL_ESTIMATORS[a.kl.estimator](old_logprobs, ref_logprobs) * mask

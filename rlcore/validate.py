@@ -56,6 +56,7 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
             need(Path(f).exists(), f"data.{key}: file {f!r} does not exist")
     if not d.train_files:
         one_of("data.task.name", d.task.name, TASKS)
+        one_of("data.task.answer_format", d.task.answer_format, getattr(TASKS.get(d.task.name), "FORMATS", ("plain",)))
         need(d.task.num_train > 0 and d.task.num_eval >= 0, "data.task.num_train must be > 0")
     need(d.max_prompt_tokens > 0, "data.max_prompt_tokens must be > 0")
     # --- rollout
@@ -148,11 +149,23 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
 
 def _reward_errors(cfg: RLConfig) -> list[str]:
     from rewards import resolve_reward
+    from rewards.model_terms import MODEL_REWARDS
 
-    errors = []
+    errors, dense = [], []
     for i, term in enumerate(cfg.reward.terms):
+        if term.name in MODEL_REWARDS:  # a reward model: its folder must exist before anything loads
+            path = term.args.get("path")
+            if path != "tiny" and not (isinstance(path, str) and Path(path, "config.json").is_file()):
+                errors.append(f"reward.terms[{i}].args.path={path!r}: {term.name} needs a local Hugging Face "
+                              "checkpoint folder (with config.json), or 'tiny' for a random-init test model")
+            if term.args.get("dense"):
+                dense.append(i)
+            continue
         try:
             resolve_reward(term.name)
         except Exception as e:  # unknown name, missing file, missing function: all config errors
             errors.append(f"reward.terms[{i}].name={term.name!r}: {e}")
+    if len(dense) > 1:
+        errors.append(f"reward.terms[{dense[1]}].args.dense: only one prm term may be dense "
+                      f"(reward.terms[{dense[0]}] is)")
     return errors

@@ -146,3 +146,42 @@ def test_math_timeout_is_honoured_from_a_worker_thread():
     assert out["hung"].metrics["reward/math/timeouts"] == 1.0
     assert out["seconds"] < 2.0 + 30.0  # the limit plus a replacement worker's start on a loaded machine
     assert out["after"].scores == [1.0]
+
+
+def test_model_terms_dense_prm_and_orm(tmp_path):
+    # A prm term scores aggregate(step scores) like any reward; a dense one adds nothing to the score and
+    # hands its weighted step scores on instead; an orm term scores in-process too.
+    from rewards.orm import OutcomeRewardModel, build_tiny_orm
+    from rewards.prm import ProcessRewardModel, build_tiny_prm
+    from rlcore.models import char_tokenizer
+
+    tok = char_tokenizer()
+    for name, (model, model_tok) in {"prm": build_tiny_prm(tok, convention="qwen"), "orm": build_tiny_orm(tok)}.items():
+        model.save_pretrained(tmp_path / name)
+        model_tok.save_pretrained(tmp_path / name)
+    prm, orm = str(tmp_path / "prm"), str(tmp_path / "orm")
+    prompts, responses = ["1+1=", "2+2="], ["x\n\n2", "4"]
+    rows = [{"answer": "2"}, {"answer": "5"}]
+    steps = ProcessRewardModel(prm).score_steps(prompts, responses).scores
+    orm_scores = OutcomeRewardModel(orm)(prompts, responses)
+    specs = [("exact", 1.0, {"pattern": r"(\d)$"}), ("prm", 0.5, {"path": prm, "aggregate": "min"}),
+             ("prm", 0.2, {"path": prm, "dense": True}), ("orm", 0.1, {"path": orm})]
+    with CompositeReward(specs, num_workers=1) as reward:
+        assert reward.is_dense
+        result = reward(prompts, responses, rows)
+    assert [len(s) for s in steps] == [2, 1]
+    assert result.components["prm"] == [min(s) for s in steps]
+    assert result.components["prm_2"] == [sum(s) / len(s) for s in steps]  # dense: logged as the mean step
+    expected = [e + 0.5 * min(s) + 0.1 * o for e, s, o in zip([1.0, 0.0], steps, orm_scores)]
+    assert result.scores == pytest.approx(expected, rel=1e-6)
+    assert result.step_scores == [[0.2 * v for v in s] for s in steps]
+    assert result.step_char_ends == [[3, 4], [1]]
+    assert result.metrics["reward/prm_2/steps_per_sample"] == 1.5
+    assert result.metrics["reward/prm_2/no_step_samples"] == 0.0
+
+
+def test_model_terms_config_errors_name_the_term(tmp_path):
+    with pytest.raises(ValueError, match=r"reward\[1\]: prm: args.path is required"):
+        CompositeReward([("exact", 1.0, {}), ("prm", 1.0, {})])
+    with pytest.raises(Exception, match=r"reward\[0\]"):
+        CompositeReward([("orm", 1.0, {"path": str(tmp_path / "missing")})])
