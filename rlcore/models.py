@@ -13,7 +13,6 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -38,7 +37,8 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
     vocab = {PAD: 0, EOS: 1, **{c: i + 2 for i, c in enumerate(chars)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOS))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per char
+    # One token per char; [\s\S], not ".", which skips newlines and turned "\n\n" into one unknown token.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()  # join without spaces
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
     hf.chat_template = CHAR_CHAT_TEMPLATE
@@ -97,7 +97,11 @@ def load_model(path: str, *, dtype: str, trust_remote_code: bool) -> PreTrainedM
 
 
 def load_tokenizer(path: str, *, trust_remote_code: bool) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    """The checkpoint's tokenizer as saved (see rewards.prm.load_tokenizer: AutoTokenizer would give a
+    saved char tokenizer qwen2's own class, which drops whitespace), with a pad token."""
+    from rewards.prm import load_tokenizer as load_saved_tokenizer
+
+    tok = load_saved_tokenizer(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:  # many base models ship without one; padding is masked anyway
         tok.pad_token = tok.eos_token
     return tok
