@@ -92,6 +92,10 @@ class TaskConfig(_Node):
     """Difficulty: operands have up to this many digits."""
     ops: str = "+"
     """Operators to draw from, any of '+-*'."""
+    answer_format: str = "plain"
+    """The row's "target" text: plain "82", boxed "\\boxed{82}", steps "37+45\\n\\n82" or program
+    "print(82)" (with stdin/stdout "tests" for the code reward). A warm start learns it with
+    model.warmstart.target_key=target."""
     num_train: int = 20000
     """Training rows generated."""
     num_eval: int = 200

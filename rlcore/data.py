@@ -98,7 +98,8 @@ def tokenize_prompts(rows: list[dict], tokenizer, cfg: DataConfig, source: str) 
 def load_prompts(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[Prompts, Prompts | None]:
     """(train, eval) prompts from data.train_files / eval_files, or from the synthetic task."""
     if not cfg.train_files:
-        task = TASKS[cfg.task.name](num_digits=cfg.task.num_digits, ops=cfg.task.ops)
+        task = TASKS[cfg.task.name](num_digits=cfg.task.num_digits, ops=cfg.task.ops,
+                                    answer_format=cfg.task.answer_format)
         source = f"task {cfg.task.name}"
         train = tokenize_prompts(task.rows("train", cfg.task.num_train, seed), tokenizer, cfg, source)
         evals = task.rows("eval", min(cfg.task.num_eval, cfg.max_eval_prompts), seed)

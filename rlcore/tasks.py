@@ -33,14 +33,25 @@ class Arithmetic:
 
     Difficulty: `num_digits` (operands have 1..num_digits digits) and `ops` (a string of "+-*").
     Subtraction keeps results non-negative; the answer is the exact integer as text.
+    `answer_format` sets the row's "target" (the text a warm start teaches; "answer" stays the integer):
+        plain    "82"
+        boxed    "\\boxed{82}"            (math-style; for the math and format rewards)
+        steps    "37+45\n\n82"          (two steps separated by a blank line; for process rewards)
+        program  "print(82)"             (a Python program; rows also get "tests" for the code reward)
     """
 
-    def __init__(self, *, num_digits: int = 2, ops: str = "+", eval_fraction: float = 0.1):
+    FORMATS = ("plain", "boxed", "steps", "program")
+
+    def __init__(self, *, num_digits: int = 2, ops: str = "+", answer_format: str = "plain",
+                 eval_fraction: float = 0.1):
         if num_digits < 1:
             raise ValueError(f"data.task.num_digits={num_digits}: must be >= 1")
         if not ops or set(ops) - set("+-*"):
             raise ValueError(f"data.task.ops={ops!r}: use a non-empty string of '+', '-', '*'")
+        if answer_format not in self.FORMATS:
+            raise ValueError(f"data.task.answer_format={answer_format!r}: expected one of {', '.join(self.FORMATS)}")
         self.num_digits, self.ops, self.eval_fraction = num_digits, ops, eval_fraction
+        self.answer_format = answer_format
 
     def _problem(self, rng: random.Random) -> dict[str, str]:
         hi = 10**self.num_digits - 1
@@ -48,7 +59,12 @@ class Arithmetic:
         if op == "-" and b > a:
             a, b = b, a
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
-        return {"prompt": f"{a}{op}{b}=", "answer": str(value)}
+        row = {"prompt": f"{a}{op}{b}=", "answer": str(value)}
+        row["target"] = {"plain": f"{value}", "boxed": f"\\boxed{{{value}}}", "steps": f"{a}{op}{b}\n\n{value}",
+                         "program": f"print({value})"}[self.answer_format]
+        if self.answer_format == "program":
+            row["tests"] = [{"input": "", "output": str(value)}]
+        return row
 
     def rows(self, split: str, num_rows: int, seed: int) -> list[dict[str, str]]:
         """`num_rows` problems of `split` ("train" or "eval"), deterministic given the seed."""
