@@ -5,7 +5,7 @@ where row is the dataset row (gold answers etc.). Built-ins: exact, format, math
 is named python:path/to/file.py:fn. This package must not import rlcore (rlcore imports it).
 """
 
-from rewards import math_reward, rule  # noqa: F401  (import registers the built-ins)
+from rewards import code, math_reward, rule  # noqa: F401  (import registers the built-ins)
 from rewards.composite import CompositeReward, RewardResult, RewardSpec
 from rewards.registry import REWARDS, RewardFn, register, resolve_reward
 

@@ -6,7 +6,8 @@ from rewards import REWARDS, CompositeReward, register, resolve_reward
 
 # Registry gate (STYLE §22): every built-in needs a test; add yours here with its test file.
 TESTED = {"exact": "test_reward_rule.py", "format": "test_reward_rule.py", "math": "test_reward_math.py",
-          "contains": "test_reward_rule.py", "choice": "test_reward_rule.py", "length": "test_reward_rule.py"}
+          "contains": "test_reward_rule.py", "choice": "test_reward_rule.py", "length": "test_reward_rule.py",
+          "code": "test_code_reward.py"}
 
 
 def test_every_registered_reward_is_tested():
@@ -27,7 +28,7 @@ def test_register_rejects_duplicates():
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown reward 'mth'; valid names: exact, format, math"):
+    with pytest.raises(ValueError, match=r"unknown reward 'mth'; valid names: choice, code, contains, exact, format, length, math, orm, prm"):
         resolve_reward("mth")
 
 
