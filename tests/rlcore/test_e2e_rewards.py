@@ -59,3 +59,11 @@ def test_step_ends_map_to_policy_tokens():
     result = RewardResult(scores=[0.0], components={}, metrics={}, step_scores=[[0.5, 0.25]], step_char_ends=[[4, 6]])
     steps = _steps(result, [(0, Sample(token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop"))], tok)
     assert steps == [([0.5, 0.25], [3, 5])]
+
+
+def test_code_recipe_runs_programs_in_the_sandbox(tmp_path):
+    run = tmp_path / "run"
+    run_cli("train", "grpo_code_arith", *SHORT, f"trainer.output_dir={run}", cwd=tmp_path)
+    tags = scalars(run)
+    assert {"reward/code/mean", "reward/code/errors", "reward/code/timeouts", "eval/accuracy"} <= tags
+    assert last_metrics(run, "reward/code/errors")["reward/code/errors"] == 0.0  # bad programs score 0, not errors
