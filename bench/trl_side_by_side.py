@@ -43,8 +43,8 @@ def median(xs):
 class RLCoreSide:
     """The rlcore Trainer; `step()` runs and records one timed rl_step."""
 
-    def __init__(self):
-        self.trainer = workload.build_rlcore_trainer()
+    def __init__(self, overrides: list[str]):
+        self.trainer = workload.build_rlcore_trainer(overrides)
         self.records: list[dict] = []
 
     def step(self) -> None:
@@ -143,6 +143,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=2, help="steps per side not measured")
     parser.add_argument("--steps", type=int, default=8, help="measured steps per side")
+    parser.add_argument("--rlcore", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra rlcore config overrides (e.g. train.max_tokens_per_microbatch=8192)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads for both sides; 0 = torch default")
     args = parser.parse_args()
@@ -153,7 +155,7 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
 
-    rlcore = RLCoreSide()
+    rlcore = RLCoreSide(args.rlcore)
     trl, trl_records = build_trl(args.warmup + args.steps, between_steps=rlcore.step)
     try:
         trl.train()

@@ -2,6 +2,8 @@
 
 `logprobs` scores a rollout without gradients (old and reference log-probs); `update` runs the
 epochs x mini-batches of the policy loss with gradient accumulation over token-budget micro-batches.
+When the update is exactly on-policy (one epoch, one mini-batch) the old log-probs are the update's
+own, detached: `update` computes them on the way and returns them, saving a whole forward pass.
 Losses are normalised by global token / sequence counts of the mini-batch (algos.aggregate), so the
 gradient does not depend on how a mini-batch is cut into micro-batches.
 """
@@ -16,6 +18,8 @@ from algos import KL_ESTIMATORS, POLICY_LOSSES, aggregate
 from rlcore.batch import TrainBatch, split_by_tokens
 from rlcore.config import RLConfig
 from rlcore.logprobs import response_logprobs
+from rlcore.moe import LoadStats, MoEForward
+from rollout.routing import routers
 
 
 def build_optimizer(model, cfg: RLConfig):
@@ -34,15 +38,21 @@ def micro_batches(prompt_ids, mask, max_tokens: int) -> list[list[int]]:
 
 @torch.no_grad()
 def batched_logprobs(model, prompt_ids, response_ids, mask, *, temperature: float, pad_id: int,
-                     max_tokens: int) -> torch.Tensor:
-    """(B, T) log-probs of a whole rollout, computed micro-batch by micro-batch (no grad)."""
+                     max_tokens: int, routing=None, replay: bool = False, stats: LoadStats | None = None
+                     ) -> torch.Tensor:
+    """(B, T) log-probs of a whole rollout, computed micro-batch by micro-batch (no grad).
+
+    MoE (stats given): routing per row is compared with the model's own routing, and forced if replay.
+    """
     was_training = model.training
     model.eval()
     out = torch.zeros(mask.shape)
     for idx in micro_batches(prompt_ids, mask, max_tokens):
         T = max(1, int(mask[idx].sum(-1).max().item()))
+        moe = None if stats is None else MoEForward(
+            routing=None if routing is None else [routing[i] for i in idx], replay=replay, aux=False, stats=stats)
         logp, _ = response_logprobs(model, [prompt_ids[i] for i in idx], response_ids[idx, :T], mask[idx, :T],
-                                    temperature=temperature, pad_id=pad_id)
+                                    temperature=temperature, pad_id=pad_id, moe=moe)
         out[idx, :T] = logp.cpu()
     model.train(was_training)
     return out
@@ -53,31 +63,50 @@ class Actor:
         self.model, self.cfg, self.pad_id = model, cfg, pad_id
         self.seqs_per_minibatch = seqs_per_minibatch
         self.optimizer, self.scheduler = build_optimizer(model, cfg)
+        self.is_moe = bool(routers(model))
+        self._load: LoadStats | None = None  # expert load over one update's forwards (MoE)
 
-    def logprobs(self, prompt_ids, response_ids, mask) -> torch.Tensor:
-        return batched_logprobs(self.model, prompt_ids, response_ids, mask, temperature=self.cfg.rollout.temperature,
-                                pad_id=self.pad_id, max_tokens=self.cfg.train.max_tokens_per_microbatch)
+    def logprobs(self, prompt_ids, response_ids, mask, routing=None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Old log-probs (no grad) and, for MoE with recorded routing, moe/routing_mismatch."""
+        stats = LoadStats() if self.is_moe else None
+        logp = batched_logprobs(self.model, prompt_ids, response_ids, mask, temperature=self.cfg.rollout.temperature,
+                                pad_id=self.pad_id, max_tokens=self.cfg.train.max_tokens_per_microbatch,
+                                routing=routing, replay=self.cfg.algo.routing_replay, stats=stats)
+        metrics = {} if stats is None else stats.metrics()
+        return logp, {k: v for k, v in metrics.items() if k == "moe/routing_mismatch"}
 
-    def update(self, batch: TrainBatch) -> dict[str, float]:
-        """Epochs x mini-batches of optimizer steps over the batch; returns actor/* metrics."""
+    def update(self, batch: TrainBatch) -> tuple[dict[str, float], torch.Tensor | None]:
+        """Epochs x mini-batches of optimizer steps over the batch.
+
+        Returns actor/* metrics and, when batch.old_logprobs is None, the (B, T) log-probs of the
+        policy before this update (the old log-probs), computed by the update's own forward.
+        """
         t = self.cfg.train
         self.model.train()
         sums: dict[str, float] = defaultdict(float)
         num_updates = 0
+        many = t.epochs_per_step * t.minibatches_per_step > 1
+        if batch.old_logprobs is None and (t.epochs_per_step > 1 or self.seqs_per_minibatch < len(batch)):
+            raise ValueError("old_logprobs may be omitted only for one epoch of one mini-batch (exactly on-policy)")
+        record = torch.zeros(batch.mask.shape) if batch.old_logprobs is None else None
+        self._load = LoadStats() if self.is_moe else None
         for _ in range(t.epochs_per_step):
             # Shuffle only when there is more than one update, else keep rollout order (cheaper, same math).
-            many = t.epochs_per_step * t.minibatches_per_step > 1
             order = torch.randperm(len(batch)).tolist() if many else list(range(len(batch)))
             for start in range(0, len(batch), self.seqs_per_minibatch):
-                stats = self._minibatch_step(batch.select(order[start : start + self.seqs_per_minibatch]))
+                stats = self._minibatch_step(batch.select(order[start : start + self.seqs_per_minibatch]), record)
                 for k, v in stats.items():
                     sums[k] += v
                 num_updates += 1
         metrics = {f"actor/{k}": v / num_updates for k, v in sums.items()}
         metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
-        return metrics
+        if self._load is not None:  # expert load over the update; routing mismatch if it was the old pass
+            metrics |= self._load.metrics()
+        return metrics, record
 
-    def _minibatch_step(self, mini: TrainBatch) -> dict[str, float]:
+    def _minibatch_step(self, mini: TrainBatch, record: torch.Tensor | None = None) -> dict[str, float]:
+        """One optimizer step. With mini.old_logprobs None (on-policy, mini is the whole batch in rollout
+        order) the detached log-probs serve as old ones and are written into `record`."""
         a, t = self.cfg.algo, self.cfg.train
         # Global counts of the mini-batch: the sum of micro-batch losses is the mini-batch loss.
         counts = {"num_tokens": mini.mask.sum(), "num_seqs": (mini.mask.sum(-1) > 0).sum(),
@@ -91,16 +120,27 @@ class Actor:
         for idx in micro_batches(mini.prompt_ids, mini.mask, t.max_tokens_per_microbatch):
             micro = mini.select(idx)
             mask = micro.mask.to(device)
+            # Losses already carry the global normalisation: they add up; ratios are token-weighted.
+            share = float(micro.mask.sum()) / num_tokens
+            moe = None if self._load is None else MoEForward(
+                routing=micro.routing, replay=a.routing_replay, aux=a.router_aux_loss_coef > 0, stats=self._load,
+                mismatch=micro.old_logprobs is None)  # on-policy: this pass is the old-log-prob pass
             logp, entropy = response_logprobs(self.model, micro.prompt_ids, micro.response_ids, micro.mask,
                                               temperature=self.cfg.rollout.temperature, pad_id=self.pad_id,
-                                              with_entropy=True)
+                                              with_entropy=True, entropy_grad=a.entropy_coef != 0, moe=moe)
+            if micro.old_logprobs is None:  # exactly on-policy: ratio 1 in value, gradient of logp
+                old = logp.detach()
+                record[idx, : old.shape[1]] = old.cpu()
+            else:
+                old = micro.old_logprobs.to(device)
             pg_loss, pg_stats = POLICY_LOSSES[a.policy_loss.name](
-                logprobs=logp, old_logprobs=micro.old_logprobs.to(device), advantages=micro.advantages.to(device),
+                logprobs=logp, old_logprobs=old, advantages=micro.advantages.to(device),
                 mask=mask, clip_low=a.policy_loss.clip_low, clip_high=a.policy_loss.clip_high,
                 dual_clip=a.policy_loss.dual_clip, agg=a.aggregation, **counts,
                 is_weights=None if micro.is_weights is None else micro.is_weights.to(device))
-            entropy_term = aggregate(entropy if a.entropy_coef else entropy.detach(), mask, a.aggregation, **counts)
-            loss = pg_loss - a.entropy_coef * entropy_term
+            loss = pg_loss
+            if a.entropy_coef:
+                loss = loss - a.entropy_coef * aggregate(entropy, mask, a.aggregation, **counts)
             if a.kl.coef > 0 and a.kl.placement == "loss":
                 kl = KL_ESTIMATORS[a.kl.estimator](logp, micro.ref_logprobs.to(device))
                 kl_term = aggregate(kl, mask, a.aggregation, **counts)
@@ -110,9 +150,10 @@ class Actor:
                 nll = -(logp * micro.nll_mask.to(device)).sum() / num_nll_tokens
                 loss = loss + a.positive_nll_coef * nll
                 stats["positive_nll"] += nll.item()
+            if moe is not None and moe.aux_loss is not None:  # per micro-batch mean, weighted to the mini-batch
+                loss = loss + a.router_aux_loss_coef * share * moe.aux_loss
+                stats["router_aux_loss"] += moe.aux_loss.item() * share
             loss.backward()
-            # Losses already carry the global normalisation: they add up; ratios are token-weighted.
-            share = float(micro.mask.sum()) / num_tokens
             stats["pg_loss"] += pg_loss.item()
             stats["entropy"] += float((entropy.detach() * mask).sum()) / num_tokens
             for k, v in pg_stats.items():

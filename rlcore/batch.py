@@ -29,6 +29,8 @@ class RolloutBatch:
     """(B,) long, index of the prompt within the step."""
     is_truncated: Tensor
     """(B,) bool, hit max_new_tokens without a stop token."""
+    routing: list[Tensor] | None = None
+    """MoE: per sample, (prompt + response - 1, layers, top_k) expert ids chosen during rollout."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -52,6 +54,7 @@ class RolloutBatch:
             rollout_logprobs=logps,
             group_ids=torch.tensor([g for g, _, _ in flat], dtype=torch.long),
             is_truncated=torch.tensor([s.finish_reason == "length" for _, _, s in flat]),
+            routing=None if any(s.routing is None for _, _, s in flat) else [s.routing for _, _, s in flat],
         )
 
 
@@ -87,13 +90,18 @@ class TrainBatch:
     response_ids: Tensor
     """(B, T) long."""
     mask: Tensor
-    old_logprobs: Tensor
+    old_logprobs: Tensor | None
+    """None when the update is exactly on-policy: the update's own log-probs, detached, are then
+    bitwise the old ones, and the separate forward is skipped (Actor.update returns them)."""
     ref_logprobs: Tensor | None
     advantages: Tensor
     is_weights: Tensor | None = None
     """Truncated importance weights against the rollout engine (algo.rollout_correction), or None."""
     nll_mask: Tensor | None = None
     """(B, T) mask of the tokens of positively rewarded samples, for VAPO's NLL loss, or None."""
+    routing: list[Tensor] | None = None
+    """MoE: the rollout's expert ids per sample (RolloutBatch.routing), replayed when
+    algo.routing_replay is on and compared with the training forward's own routing."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

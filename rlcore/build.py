@@ -9,7 +9,7 @@ from pathlib import Path
 
 from rlcore.config import RLConfig
 from rlcore.data import Prompts, load_prompts
-from rlcore.models import char_tokenizer, load_model, load_tokenizer, tiny_model
+from rlcore.models import DTYPES, char_tokenizer, load_model, load_tokenizer, tiny_model
 from rlcore.warmstart import cache_key, cache_root, cached_warmstart
 
 
@@ -26,8 +26,9 @@ def build_policy(cfg: RLConfig, tokenizer, train: Prompts, device: str):
         t = m.tiny
         model = tiny_model(len(tokenizer), family=t.family, hidden_size=t.hidden_size, num_layers=t.num_layers,
                            num_heads=t.num_heads, num_kv_heads=t.num_kv_heads, intermediate_size=t.intermediate_size,
-                           seed=cfg.trainer.seed, pad_token_id=tokenizer.pad_token_id,
-                           eos_token_id=tokenizer.eos_token_id)
+                           num_experts=t.num_experts, experts_per_token=t.experts_per_token,
+                           expert_intermediate_size=t.expert_intermediate_size, seed=cfg.trainer.seed,
+                           pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         source = {"tiny": dataclasses.asdict(t), "tokenizer": "char-v1"}
     else:
         model = load_model(m.path, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
@@ -40,6 +41,8 @@ def build_policy(cfg: RLConfig, tokenizer, train: Prompts, device: str):
         model = cached_warmstart(model, tokenizer, train, key, steps=w.steps, lr=w.lr, batch_size=w.batch_size,
                                  target_key=w.target_key, until_accuracy=w.until_accuracy, seed=cfg.trainer.seed,
                                  device=device)
+    if m.path is None:  # built (and warm-started) in fp32, then cast like a loaded checkpoint
+        model.to(DTYPES[m.dtype])
     if m.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model

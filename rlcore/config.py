@@ -38,7 +38,8 @@ def freeze(cfg: Any) -> Any:
 @dataclass
 class TinyModelConfig(_Node):
     family: str = "qwen2"
-    """Shape of the built-in random-init model: qwen2 or llama."""
+    """Shape of the built-in random-init model: dense qwen2 or llama, or mixture-of-experts
+    qwen3_moe, mixtral or deepseek_v3 (rlcore.models.tiny_model)."""
     hidden_size: int = 128
     """Hidden size of the built-in model."""
     num_layers: int = 2
@@ -48,7 +49,13 @@ class TinyModelConfig(_Node):
     num_kv_heads: int = 2
     """Key/value heads of the built-in model (grouped-query attention)."""
     intermediate_size: int = 352
-    """MLP width of the built-in model."""
+    """MLP width of the built-in model (dense layers)."""
+    num_experts: int = 8
+    """MoE families: routed experts per sparse layer."""
+    experts_per_token: int = 2
+    """MoE families: experts each token is routed to (top-k)."""
+    expert_intermediate_size: int = 64
+    """MoE families: MLP width of each expert."""
 
 
 @dataclass
@@ -133,6 +140,9 @@ class RolloutConfig(_Node):
     """Generation backend (see `rlcore ls`)."""
     mode: str = "auto"
     """hf engine only: generate (padded), paged (continuous batching) or auto (measured faster)."""
+    dtype: Optional[str] = None
+    """The engine's weight dtype (float32, bfloat16, float16); unset = model.dtype. bfloat16 with an
+    fp32 actor samples the way a bf16 inference engine does (the sync casts)."""
     samples_per_prompt: int = 8
     """Samples generated for each prompt: the GRPO group size."""
     max_new_tokens: int = 256
@@ -148,7 +158,8 @@ class RolloutConfig(_Node):
     sync_bucket_mb: int = 64
     """Weight sync streams parameters into the engine in buckets of about this many MB."""
     verify_sync: bool = True
-    """After every sync, compare engine and actor weights by checksum; stop on a mismatch."""
+    """After every sync, compare the engine's log-probs of what it sampled with the actor's (mean
+    absolute difference within a tolerance for the coarser of the two dtypes); stop on a mismatch."""
 
 
 @dataclass
@@ -234,6 +245,13 @@ class AlgoConfig(_Node):
     positive_nll_coef: float = 0.0
     """VAPO: weight of a negative log-likelihood loss on samples with a positive reward (0 = off;
     VAPO uses 0.1)."""
+    routing_replay: bool = False
+    """MoE models: force the experts each token was routed to during rollout in the training forward
+    passes (old log-probs and update; R3, spec §5.3), with top-k weights recomputed from the training
+    router so it still learns. Off: moe/routing_mismatch shows how often the two routings differ."""
+    router_aux_loss_coef: float = 0.0
+    """MoE models: weight of the router load-balancing (Switch) loss added to the actor loss; 0 (the
+    default) keeps the policy gradient unbiased (docs/algorithms.md, "MoE")."""
 
 
 @dataclass

@@ -7,10 +7,16 @@ prompt_len + t - 1 score response token t).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from algos import entropy_from_logits
+
+if TYPE_CHECKING:
+    from rlcore.moe import MoEForward
 
 HEAD_CHUNK_TOKENS = 4096
 
@@ -43,10 +49,15 @@ def response_logprobs(
     temperature: float,
     pad_id: int,
     with_entropy: bool = False,
+    entropy_grad: bool = True,
+    moe: MoEForward | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) of each response token, (B, T), 0 where mask is 0; entropy likewise.
 
     Gradients flow when called under grad mode (the update); wrap in no_grad for old/ref log-probs.
+    entropy_grad=False computes the entropy outside the autograd graph (a metric only), so backward
+    does not keep a (tokens x vocab) fp32 tensor alive for it. moe: routing replay, expert-load
+    statistics and the router aux loss of MoE models (rlcore.moe.MoEForward).
     """
     device = next(model.parameters()).device
     input_ids, attention_mask, pos = pack_inputs(prompt_ids, response_ids, mask, pad_id)
@@ -54,13 +65,16 @@ def response_logprobs(
     pos, targets, keep = pos.to(device), response_ids.to(device), mask.to(device).bool()
 
     decoder, head = _split(model)
-    if decoder is None:  # models without a separable head: full logits (fine for small vocabularies)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        hidden_sel = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))[keep]
-        head = torch.nn.Identity()
-    else:
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, P, H)
-        hidden_sel = torch.gather(hidden, 1, pos[..., None].expand(-1, -1, hidden.shape[-1]))[keep]  # (N, H)
+    routed = nullcontext() if moe is None else moe.router_pass(model, prompt_ids, mask.sum(-1).long().tolist(),
+                                                                attention_mask)
+    with routed:
+        if decoder is None:  # models without a separable head: full logits (fine for small vocabularies)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            hidden_sel = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))[keep]
+            head = torch.nn.Identity()
+        else:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, P, H)
+            hidden_sel = torch.gather(hidden, 1, pos[..., None].expand(-1, -1, hidden.shape[-1]))[keep]  # (N, H)
 
     target_sel = targets[keep]  # (N,)
     logp_parts, ent_parts = [], []
@@ -69,7 +83,8 @@ def response_logprobs(
         lse = torch.logsumexp(z, dim=-1)
         logp_parts.append(z.gather(-1, target_sel[start : start + HEAD_CHUNK_TOKENS, None])[:, 0] - lse)
         if with_entropy:
-            ent_parts.append(entropy_from_logits(z))
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                ent_parts.append(entropy_from_logits(z))
 
     logprobs = torch.zeros(mask.shape, device=device, dtype=torch.float32)
     logprobs = logprobs.masked_scatter(keep, _cat(logp_parts, device))

@@ -1,7 +1,7 @@
 """Model and tokenizer loading: any local Hugging Face causal LM, or a tiny built-in one.
 
 Nothing is ever downloaded: `load_model` passes `local_files_only=True`, and the built-in path
-builds a random-init Qwen2/Llama-shaped model from a config plus a character tokenizer made here.
+builds a random-init dense or MoE model (models.FAMILIES) from a config plus a character tokenizer made here.
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
     LlamaConfig,
+    MixtralConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3MoeConfig,
 )
 
 PAD, EOS = "<pad>", "<eos>"
@@ -45,6 +48,10 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return hf
 
 
+FAMILIES = ("qwen2", "llama", "qwen3_moe", "mixtral", "deepseek_v3")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "deepseek_v3")
+
+
 def tiny_model(
     vocab_size: int,
     *,
@@ -54,28 +61,47 @@ def tiny_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     intermediate_size: int = 344,
+    num_experts: int = 8,
+    experts_per_token: int = 2,
+    expert_intermediate_size: int = 64,
     max_positions: int = 512,
     seed: int = 0,
     pad_token_id: int = 0,
     eos_token_id: int = 1,
 ) -> PreTrainedModel:
-    """A random-init Qwen2- or Llama-shaped causal LM with tied embeddings (fixed seed)."""
-    config_cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}.get(family)
-    if config_cls is None:
-        raise ValueError(f"model.tiny.family={family!r}: expected 'qwen2' or 'llama'")
-    config = config_cls(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=True,
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_token_id,
-        bos_token_id=None,
-    )
+    """A random-init causal LM with tied embeddings (fixed seed): dense Qwen2 or Llama, or MoE.
+
+    MoE families: Qwen3-MoE (softmax top-k, every layer sparse), Mixtral (softmax top-k, renormalised)
+    and DeepSeek-V3 (sigmoid scores, group-limited top-k over 2 groups, one shared expert, MLA
+    attention, layer 0 dense as in the real model's first_k_dense_replace). `intermediate_size` is the
+    dense MLP width (Qwen3-MoE / DeepSeek-V3 dense layers); `expert_intermediate_size` each expert's.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"model.tiny.family={family!r}: expected one of {', '.join(FAMILIES)}")
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+                  num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                  max_position_embeddings=max_positions, tie_word_embeddings=True, pad_token_id=pad_token_id,
+                  eos_token_id=eos_token_id, bos_token_id=None)
+    head_dim = hidden_size // num_heads
+    if family == "qwen2":
+        config = Qwen2Config(intermediate_size=intermediate_size, **common)
+    elif family == "llama":
+        config = LlamaConfig(intermediate_size=intermediate_size, **common)
+    elif family == "qwen3_moe":
+        config = Qwen3MoeConfig(intermediate_size=intermediate_size, moe_intermediate_size=expert_intermediate_size,
+                                num_experts=num_experts, num_experts_per_tok=experts_per_token, head_dim=head_dim,
+                                norm_topk_prob=True, **common)
+    elif family == "mixtral":
+        config = MixtralConfig(intermediate_size=expert_intermediate_size, num_local_experts=num_experts,
+                               num_experts_per_tok=experts_per_token, **common)
+    else:  # deepseek_v3: multi-head latent attention, so every head has its own K/V
+        config = DeepseekV3Config(
+            intermediate_size=intermediate_size, moe_intermediate_size=expert_intermediate_size,
+            n_routed_experts=num_experts, num_experts_per_tok=experts_per_token, n_shared_experts=1,
+            n_group=2, topk_group=1, first_k_dense_replace=1, routed_scaling_factor=1.0, norm_topk_prob=True,
+            q_lora_rank=hidden_size // 2, kv_lora_rank=hidden_size // 4, qk_rope_head_dim=head_dim // 2,
+            qk_nope_head_dim=head_dim // 2, v_head_dim=head_dim, rope_interleave=False,
+            **(common | {"num_key_value_heads": num_heads}))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -13,19 +13,21 @@ from collections.abc import Iterator
 
 import torch
 
+from rollout.weight_names import checkpoint_state
+
 # Mean |engine - actor| log-prob allowed per dtype: fp32 kernels agree to ~1e-6, bf16 to ~1e-2.
 MEAN_ABS_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 
 
 def stream_weights(model, bucket_mb: int, stats: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) in checkpoint format, one bucket of about bucket_mb at a time.
+    """(name, full tensor) in checkpoint format (rollout.weight_names: per-expert MoE tensors, the
+    names from_pretrained and vLLM load), one bucket of about bucket_mb at a time.
 
-    With one process the tensors are the actor's own (no copy); a sharded actor gathers each
+    With one process the tensors are views of the actor's own (no copy); a sharded actor gathers each
     bucket here before yielding it, so the whole model is never materialised twice.
     """
     bucket_bytes, in_bucket = bucket_mb * 2**20, 0
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach()
+    for name, tensor in checkpoint_state(model):
         in_bucket += tensor.numel() * tensor.element_size()
         stats["bytes"] += tensor.numel() * tensor.element_size()
         if in_bucket >= bucket_bytes:
@@ -52,7 +54,7 @@ def verify_rollout_logprobs(batch, old_logprobs: torch.Tensor, cfg, tokenizer) -
     metrics = {"sync/max_logprob_diff": diff.max().item(), "sync/mean_logprob_diff": mean_diff}
     r = cfg.rollout
     truncated = r.top_p < 1.0 or r.top_k > 0  # the engine's distribution is then renormalised
-    tolerance = MEAN_ABS_TOLERANCE.get(_dtype(cfg), 5e-2)
+    tolerance = max(MEAN_ABS_TOLERANCE.get(d, 5e-2) for d in _dtypes(cfg))
     if r.verify_sync and not truncated and mean_diff > tolerance:
         worst = int((diff.sum(-1) / mask.sum(-1).clamp(min=1)).argmax())
         prompt = tokenizer.decode(batch.prompt_ids[worst])
@@ -64,7 +66,8 @@ def verify_rollout_logprobs(batch, old_logprobs: torch.Tensor, cfg, tokenizer) -
     return metrics
 
 
-def _dtype(cfg) -> torch.dtype:
+def _dtypes(cfg) -> list[torch.dtype]:
+    """The actor's and the engine's weight dtypes."""
     from rlcore.models import DTYPES
 
-    return DTYPES[cfg.model.dtype]
+    return [DTYPES[cfg.model.dtype], DTYPES[cfg.rollout.dtype or cfg.model.dtype]]

@@ -30,10 +30,12 @@ from rlcore.config import RLConfig
 from rlcore.data import PromptSampler
 from rlcore.evaluate import evaluate
 from rlcore.metrics import Timer, Tracker
-from rlcore.recipe import to_yaml
+from rlcore.models import DTYPES
+from rlcore.recipe import ConfigError, to_yaml
 from rlcore.sync import sync_weights, verify_rollout_logprobs
 from rlcore.validate import Plan
 from rollout import ENGINES, SamplingParams
+from rollout.routing import routers
 
 
 class Trainer:
@@ -45,9 +47,17 @@ class Trainer:
         policy = build_policy(cfg, self.tokenizer, self.train_prompts, plan.device)
         # The reference is the initial policy, frozen; kept only when a KL term needs it.
         self.ref = _frozen(copy.deepcopy(policy)) if cfg.algo.kl.coef > 0 else None
+        is_moe = bool(routers(policy))
+        if cfg.algo.routing_replay and not is_moe:
+            raise ConfigError("algo.routing_replay=true but the model has no MoE routers; set it false for dense "
+                              "models")
+        engine_model = _frozen(copy.deepcopy(policy)).to(DTYPES[cfg.rollout.dtype or cfg.model.dtype])
         self.engine = ENGINES[cfg.rollout.engine](
-            _frozen(copy.deepcopy(policy)), eos_token_ids=eos_token_ids(self.tokenizer, policy),
-            pad_token_id=self.tokenizer.pad_token_id, mode=cfg.rollout.mode)
+            engine_model, eos_token_ids=eos_token_ids(self.tokenizer, policy),
+            pad_token_id=self.tokenizer.pad_token_id, mode=cfg.rollout.mode,
+            # the hf engine records MoE routing for replay and for moe/routing_mismatch
+            **({"record_routing": True} if is_moe and cfg.rollout.engine == "hf" and cfg.rollout.mode != "paged"
+               else {}))
         self.actor = Actor(policy, cfg, pad_id=self.tokenizer.pad_token_id,
                            seqs_per_minibatch=plan.seqs_per_minibatch_per_rank)
         self.critic = build_critic(cfg, policy, pad_id=self.tokenizer.pad_token_id,
@@ -77,13 +87,21 @@ class Trainer:
         self.engine.sleep()
         batch, scores, steps = rollout.batch, rollout.scores, rollout.steps  # steps: dense PRM rewards or None
 
-        # 5. log-probs: old (the actor now), reference (if KL); check them against the engine's
+        # 5. log-probs: old (the actor now; exactly on-policy, the update's own), reference (if KL);
+        #    check them against the engine's
+        updating = self.step >= cfg.critic.pretrain_steps
+        on_policy = updating and self._exactly_on_policy(len(batch))
         with t("logprobs"):
-            old_logprobs = self.actor.logprobs(batch.prompt_ids, batch.response_ids, batch.mask)
+            old_logprobs = None
+            if not on_policy:
+                old_logprobs, moe_metrics = self.actor.logprobs(batch.prompt_ids, batch.response_ids, batch.mask,
+                                                                routing=batch.routing)
+                sync_metrics |= moe_metrics
             ref_logprobs = None if self.ref is None else batched_logprobs(
                 self.ref, batch.prompt_ids, batch.response_ids, batch.mask, temperature=cfg.rollout.temperature,
                 pad_id=self.tokenizer.pad_token_id, max_tokens=cfg.train.max_tokens_per_microbatch)
-            sync_metrics |= verify_rollout_logprobs(batch, old_logprobs, cfg, self.tokenizer)
+            if old_logprobs is not None:
+                sync_metrics |= verify_rollout_logprobs(batch, old_logprobs, cfg, self.tokenizer)
             is_weights, correction_metrics = self._rollout_correction(batch, old_logprobs)
         if self.critic is not None:
             with t("values"):
@@ -104,12 +122,14 @@ class Trainer:
         # 7. update (VAPO value pretraining: the critic alone for its first steps)
         update_metrics = {}
         positive = batch.mask * (scores > 0)[:, None] if cfg.algo.positive_nll_coef else None  # VAPO NLL
-        if self.step >= cfg.critic.pretrain_steps:
+        if updating:
             with t("update"):
-                update_metrics = self.actor.update(TrainBatch(
+                update_metrics, policy_logprobs = self.actor.update(TrainBatch(
                     prompt_ids=batch.prompt_ids, response_ids=batch.response_ids, mask=batch.mask,
                     old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
-                    is_weights=is_weights, nll_mask=positive))
+                    is_weights=is_weights, nll_mask=positive, routing=batch.routing))
+            if on_policy:  # the update's first forward was the old policy: check the engine against it
+                sync_metrics |= verify_rollout_logprobs(batch, policy_logprobs, cfg, self.tokenizer)
         if self.critic is not None:
             with t("critic"):
                 update_metrics |= self.critic.update(
@@ -147,6 +167,14 @@ class Trainer:
         if a.lam_critic is not None:  # VAPO decoupled GAE: the critic's own lambda for its targets
             _, returns = gae(rewards, values, mask, gamma=a.gamma, lam=a.lam_critic)
         return masked_whiten(advantages, mask), returns, metrics
+
+    def _exactly_on_policy(self, num_rows: int) -> bool:
+        """True when nothing needs the old log-probs before the update and the update is one optimizer
+        step on the whole batch: its own log-probs, detached, are then the old ones bitwise."""
+        c = self.cfg
+        kl_in_reward = self.critic is not None and c.algo.kl.placement == "reward" and self.kl_coef > 0
+        return (c.train.epochs_per_step == 1 and num_rows <= self.actor.seqs_per_minibatch
+                and c.algo.rollout_correction.level == "none" and not kl_in_reward)
 
     def _rollout_correction(self, batch, old_logprobs):
         """Truncated importance weights pi_old / pi_rollout (algo.rollout_correction), or None."""

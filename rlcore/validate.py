@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from rlcore.config import RLConfig
-from rlcore.models import DTYPES
+from rlcore.models import DTYPES, FAMILIES, MOE_FAMILIES
 from rlcore.recipe import ConfigError
 from rlcore.tasks import TASKS
 
@@ -46,7 +46,12 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
         need(Path(m.path, "config.json").is_file(),
              f"model.path={m.path!r} is not a local Hugging Face checkpoint folder (no config.json)")
     else:
-        one_of("model.tiny.family", m.tiny.family, {"qwen2", "llama"})
+        one_of("model.tiny.family", m.tiny.family, set(FAMILIES))
+        if m.tiny.family in MOE_FAMILIES:
+            need(0 < m.tiny.experts_per_token <= m.tiny.num_experts,
+                 "model.tiny.experts_per_token must be in [1, model.tiny.num_experts]")
+            need(m.tiny.family != "deepseek_v3" or m.tiny.num_experts % 2 == 0,
+                 "model.tiny.num_experts must be even for deepseek_v3 (2 expert groups)")
         need(m.tiny.hidden_size % m.tiny.num_heads == 0, "model.tiny.hidden_size must divide by model.tiny.num_heads")
         need(m.tiny.num_heads % m.tiny.num_kv_heads == 0, "model.tiny.num_heads must divide by model.tiny.num_kv_heads")
     need(m.warmstart.steps >= 0, "model.warmstart.steps must be >= 0")
@@ -62,6 +67,12 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
     # --- rollout
     one_of("rollout.engine", r.engine, ENGINES)
     one_of("rollout.mode", r.mode, {"auto", "generate", "paged"})
+    if r.dtype is not None:
+        one_of("rollout.dtype", r.dtype, DTYPES)
+    need(not a.routing_replay or (r.engine == "hf" and r.mode != "paged"),
+         "algo.routing_replay=true needs the engine to record routing: rollout.engine=hf with rollout.mode "
+         "generate or auto (the paged mode does not record it)")
+    need(a.router_aux_loss_coef >= 0, "algo.router_aux_loss_coef must be >= 0")
     need(r.samples_per_prompt >= 2 or cfg.critic.enabled,
          f"rollout.samples_per_prompt={r.samples_per_prompt}: group-relative advantages need at least 2 "
          "samples per prompt (a single sample always gets advantage 0); or set critic.enabled=true")

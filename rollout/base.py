@@ -69,6 +69,9 @@ class Sample:
     over the kept tokens). Greedy (temperature 0): log_softmax(logits)[argmax], the raw T=1 distribution."""
     finish_reason: str
     """"stop" (the last token is an eos/stop token) or "length" (max_new_tokens reached without one)."""
+    routing: torch.Tensor | None = None
+    """MoE models, when the engine records routing: (prompt + generated - 1, layers, top_k) ids of the
+    experts each fed token was routed to (rollout.routing); None otherwise."""
 
 
 class Engine(Protocol):

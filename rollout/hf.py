@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
+from functools import partial
 
 import torch
 from transformers import GenerationConfig
@@ -15,6 +16,8 @@ from transformers import GenerationConfig
 from .base import Sample, SamplingParams, register
 from .hf_paged import generate_paged
 from .hf_padded import generate_padded
+from .routing import routers
+from .weight_names import checkpoint_tensors
 
 MODES = ("auto", "generate", "paged")
 
@@ -59,18 +62,26 @@ class HFEngine:
         never appears in a Sample.
     mode: "generate" (padded ``model.generate``), "paged" (continuous batching ``model.generate_batch``)
         or "auto" (see ``resolve_mode``). Both give the same distribution and logprob definition.
+    record_routing: MoE models in "generate" mode: each Sample carries the experts its tokens were
+        routed to (Sample.routing), for routing replay in training.
 
     RNG: sampling draws from torch's global RNG (seed it with torch.manual_seed). "generate" consumes it
     directly; "paged" draws one seed from it and leaves the rest of the caller's stream untouched.
     """
 
-    def __init__(self, model: torch.nn.Module, *, eos_token_ids: list[int], pad_token_id: int, mode: str = "auto"):
+    def __init__(self, model: torch.nn.Module, *, eos_token_ids: list[int], pad_token_id: int, mode: str = "auto",
+                 record_routing: bool = False):
         self.model = model.eval().requires_grad_(False)
         self.model.generation_config = GenerationConfig()
         self.eos_token_ids = [int(t) for t in eos_token_ids]
         self.pad_token_id = int(pad_token_id)
         self.device = next(model.parameters()).device
         self.mode = resolve_mode(mode, self.device)
+        if record_routing and not routers(self.model):
+            raise ValueError("HFEngine(record_routing=True) needs an MoE model; this one has no routers")
+        if record_routing and self.mode != "generate":
+            raise ValueError(f"recording MoE routing needs the 'generate' mode, not {self.mode!r}")
+        self.record_routing = record_routing
         self.is_sleeping = False
         self._vocab_size = model.get_input_embeddings().num_embeddings
 
@@ -92,7 +103,9 @@ class HFEngine:
             if min(prompt) < 0 or max(prompt) >= self._vocab_size:
                 raise ValueError(f"prompt {i} has a token id outside [0, {self._vocab_size})")
         stop_ids = list(dict.fromkeys([*self.eos_token_ids, *sampling.stop_token_ids]))  # dedup, keep order
-        run = generate_padded if self.mode == "generate" else generate_paged
+        run = generate_paged
+        if self.mode == "generate":
+            run = partial(generate_padded, record_routing=self.record_routing)
         if sampling.is_greedy and sampling.n > 1:
             # The n greedy samples are identical: decode once (transformers also refuses greedy with
             # num_return_sequences > 1) and hand out n independent copies.
@@ -107,8 +120,11 @@ class HFEngine:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (name, full tensor) pairs into the engine's parameters, in place, one at a time.
 
-        Names are those of ``model.state_dict()`` for the same transformers class (Hugging Face
-        format, e.g. ``model.layers.0.self_attn.q_proj.weight``). Any subset may be sent, in any
+        Names are checkpoint names (what ``save_pretrained`` writes and vLLM loads, see
+        ``rollout.weight_names``: per-expert tensors of MoE layers) or ``model.state_dict()`` names of
+        the same transformers class (e.g. ``model.layers.0.self_attn.q_proj.weight``, a fused
+        ``mlp.experts.gate_up_proj``); per-expert tensors are copied into the fused parameter's
+        slices in place. Any subset may be sent, in any
         number of buckets: ``named_tensors`` is consumed once and nothing is held after each copy.
         With tied embeddings ``lm_head.weight`` and ``model.embed_tokens.weight`` are one tensor,
         so sending either (or both) updates both. dtype and device are converted by the copy.
@@ -116,7 +132,11 @@ class HFEngine:
         Raises ValueError naming the tensor for an unknown name, a shape mismatch or a sharded
         DTensor. Tensors copied before the error stay copied: treat the error as fatal.
         """
-        targets = self.model.state_dict(keep_vars=True)  # name -> live Parameter/buffer (no copies)
+        # name -> live Parameter/buffer (no copies), plus per-expert views into fused expert parameters
+        targets = self.model.state_dict(keep_vars=True)
+        model_type = self.model.config.model_type
+        targets |= {ckpt: view for name, t in list(targets.items())
+                    for ckpt, view in checkpoint_tensors(name, t.data, model_type) if ckpt != name}
         for name, tensor in named_tensors:
             target = targets.get(name)
             if target is None:

@@ -6,6 +6,8 @@ T = generated steps (<= max_new_tokens; generate stops early once every row has 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import Tensor
 from transformers import GenerationConfig
@@ -18,6 +20,7 @@ from transformers.generation.logits_process import (
 )
 
 from .base import Sample, SamplingParams
+from .routing import RoutingRecorder
 
 
 class _SampledTokenLogprobs(LogitsProcessor):
@@ -108,8 +111,10 @@ def generate_padded(
     *,
     stop_ids: list[int],
     pad_token_id: int,
+    record_routing: bool = False,
 ) -> list[list[Sample]]:
-    """See HFEngine.generate. Uses (and advances) torch's global RNG through torch.multinomial."""
+    """See HFEngine.generate. Uses (and advances) torch's global RNG through torch.multinomial.
+    record_routing: fill Sample.routing with the MoE experts each fed token was routed to."""
     n = sampling.n
     input_ids, attention_mask = _left_pad(prompts, pad_token_id, model.device)
     # Repeat on the device, n adjacent copies per prompt: (P, L) -> (R, L).
@@ -117,12 +122,14 @@ def generate_padded(
     attention_mask = attention_mask.repeat_interleave(n, dim=0)
 
     recorder = _SampledTokenLogprobs()
-    sequences = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        generation_config=_generation_config(sampling, stop_ids, pad_token_id),
-        logits_processor=LogitsProcessorList([*_warpers(sampling), recorder]),
-    )
+    routing = RoutingRecorder(model) if record_routing else nullcontext()
+    with routing:
+        sequences = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=_generation_config(sampling, stop_ids, pad_token_id),
+            logits_processor=LogitsProcessorList([*_warpers(sampling), recorder]),
+        )
     new_tokens = sequences[:, input_ids.shape[1] :]  # (R, T)
     logprobs = recorder.finish(new_tokens[:, -1])  # (R, T)
     if logprobs.shape != new_tokens.shape:  # would mean generate called the processors an unexpected number of times
@@ -141,8 +148,12 @@ def generate_padded(
     # One device->host transfer per tensor, then plain Python slicing.
     tokens_rows, logprob_rows = new_tokens.tolist(), logprobs.tolist()
     lengths_list, stopped = lengths.tolist(), has_stop.tolist()
+    routes = [None] * len(lengths_list)
+    if record_routing:
+        prompt_lengths = [len(p) for p in prompts for _ in range(n)]
+        routes = routing.samples(prompt_lengths, lengths_list, width=input_ids.shape[1])
     samples = [
-        Sample(tokens_rows[r][:length], logprob_rows[r][:length], "stop" if stop else "length")
+        Sample(tokens_rows[r][:length], logprob_rows[r][:length], "stop" if stop else "length", routes[r])
         for r, (length, stop) in enumerate(zip(lengths_list, stopped))
     ]
     return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]

@@ -87,8 +87,53 @@ def test_update_raises_logprob_of_advantaged_tokens(model):
     cfg = RLConfig()
     cfg.train.lr = 1e-2
     actor = Actor(model, cfg, pad_id=0, seqs_per_minibatch=6)
-    actor.update(TrainBatch(b.prompt_ids, b.response_ids, b.mask, old, None, advantages))
+    _, record = actor.update(TrainBatch(b.prompt_ids, b.response_ids, b.mask, old, None, advantages))
+    assert record is None  # old log-probs given: nothing recorded
     with torch.no_grad():
         new, _ = response_logprobs(model, b.prompt_ids, b.response_ids, b.mask, temperature=1.0, pad_id=0)
     delta = ((new - old) * b.mask).sum(-1)
     assert (delta[0::2] > 0).all() and (delta[1::2] < 0).all()
+
+
+@pytest.mark.parametrize("loss", ["vanilla", "gspo"])
+def test_on_policy_update_without_old_logprobs_equals_explicit_old(model, loss):
+    """Skipping the old-log-prob forward (exactly on-policy) changes nothing: same gradient, same step,
+    and the recorded log-probs are those a separate no-grad forward gives, in rollout order."""
+    b = make_batch()
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])[:, None] * b.mask
+    cfg = RLConfig()
+    cfg.algo.policy_loss.name = loss
+    cfg.train.max_tokens_per_microbatch = 9  # several micro-batches, reordered longest first
+    with torch.no_grad():
+        old, _ = response_logprobs(model, b.prompt_ids, b.response_ids, b.mask, temperature=1.0, pad_id=0)
+    results = []
+    for given in (old, None):
+        m = copy.deepcopy(model)
+        actor = Actor(m, cfg, pad_id=0, seqs_per_minibatch=len(b))
+        metrics, record = actor.update(TrainBatch(b.prompt_ids, b.response_ids, b.mask, given, None, advantages))
+        results.append((torch.cat([p.detach().flatten() for p in m.parameters()]), metrics, record))
+    (params_a, metrics_a, rec_a), (params_b, metrics_b, rec_b) = results
+    assert rec_a is None
+    torch.testing.assert_close(rec_b, old, rtol=0, atol=1e-6)
+    assert (rec_b * (1 - b.mask) == 0).all()
+    torch.testing.assert_close(params_b, params_a, rtol=1e-6, atol=1e-7)
+    for key in ("pg_loss", "grad_norm", "entropy"):
+        assert metrics_b[f"actor/{key}"] == pytest.approx(metrics_a[f"actor/{key}"], rel=1e-5, abs=1e-7)
+
+
+def test_old_logprobs_required_when_not_on_policy(model):
+    b = make_batch()
+    cfg = RLConfig()
+    actor = Actor(model, cfg, pad_id=0, seqs_per_minibatch=3)  # two mini-batches
+    with pytest.raises(ValueError, match="on-policy"):
+        actor.update(TrainBatch(b.prompt_ids, b.response_ids, b.mask, None, None, torch.zeros_like(b.mask)))
+
+
+def test_entropy_outside_graph_has_same_value_and_no_grad(model):
+    b = make_batch()
+    _, ent_graph = response_logprobs(model, b.prompt_ids, b.response_ids, b.mask, temperature=1.0, pad_id=0,
+                                     with_entropy=True)
+    logp, ent_free = response_logprobs(model, b.prompt_ids, b.response_ids, b.mask, temperature=1.0, pad_id=0,
+                                       with_entropy=True, entropy_grad=False)
+    assert ent_graph.requires_grad and not ent_free.requires_grad and logp.requires_grad
+    torch.testing.assert_close(ent_free, ent_graph.detach(), rtol=0, atol=0)

@@ -1,0 +1,81 @@
+"""MoE routers, and the record of which experts each token was routed to during generation.
+
+transformers' MoE families (Qwen2/3-MoE, Mixtral, DeepSeek-V3, ...) route with one router module per
+sparse layer that returns ``(router_logits (N, E), top-k weights (N, k), top-k expert ids (N, k))``
+for the N = batch x length tokens of a forward pass; the model names that class in
+``_can_record_outputs["router_logits"]``. The record follows the convention of vLLM's routed-experts
+output (spec §5.3): per sample, ``(positions, layers, k)`` expert ids for every token that was fed to
+the model, i.e. the prompt and all generated tokens but the last.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+ROUTING_DTYPE = torch.int16  # expert ids; 2 bytes per (token, layer, k)
+
+
+def routers(model: nn.Module) -> list[nn.Module]:
+    """The model's MoE router modules in layer order ([] for a dense model)."""
+    spec = (getattr(model, "_can_record_outputs", None) or {}).get("router_logits")
+    router_cls = getattr(spec, "target_class", None)
+    if router_cls is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, router_cls)]
+
+
+def unpack_router_output(module: nn.Module, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if not (isinstance(output, tuple) and len(output) == 3):
+        raise TypeError(f"{type(module).__name__} returned {type(output).__name__}; rlcore's MoE support expects "
+                        "routers that return (router_logits, top-k weights, top-k expert ids) (transformers >= 5)")
+    return output
+
+
+class RoutingRecorder:
+    """Records the routers' expert ids during one padded ``model.generate`` call.
+
+    The first forward is the prefill over the (R, L) left-padded prompts; each later one decodes one
+    token per row. ``samples(prompt_lengths, lengths)`` then cuts out each sample's record.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.routers = routers(model)
+        self.layer = {id(r): i for i, r in enumerate(self.routers)}
+        self.calls: list[list[torch.Tensor]] = [[] for _ in self.routers]  # per layer, per forward: (N, k)
+        self._handles = []
+
+    def __enter__(self) -> "RoutingRecorder":
+        self._handles = [r.register_forward_hook(self._hook) for r in self.routers]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _hook(self, module, inputs, output) -> None:
+        _, _, idx = unpack_router_output(module, output)
+        self.calls[self.layer[id(module)]].append(idx.to("cpu", ROUTING_DTYPE))
+
+    def samples(self, prompt_lengths: list[int], lengths: list[int], width: int) -> list[torch.Tensor]:
+        """Per row r: (prompt_lengths[r] + lengths[r] - 1, layers, k) expert ids.
+
+        width: L, the padded prompt width of the prefill. Raises if generate's forwards were not one
+        prefill plus one token per step (the record would not line up with the tokens).
+        """
+        rows = len(prompt_lengths)
+        per_layer = []
+        for layer, calls in enumerate(self.calls):
+            prefill, decode = calls[0], calls[1:]
+            k = prefill.shape[-1]
+            if prefill.shape[0] != rows * width or any(c.shape[0] != rows for c in decode):
+                raise RuntimeError(f"routing record of layer {layer} does not match a padded prefill of "
+                                   f"{rows}x{width} tokens followed by one token per row and step")
+            steps = torch.stack(decode, 1) if decode else torch.zeros(rows, 0, k, dtype=ROUTING_DTYPE)
+            per_layer.append((prefill.view(rows, width, k), steps))
+        out = []
+        for r, (p, n) in enumerate(zip(prompt_lengths, lengths)):
+            layers = [torch.cat([pre[r, width - p :], steps[r, : max(n - 1, 0)]]) for pre, steps in per_layer]
+            out.append(torch.stack(layers, 1))  # (positions, layers, k)
+        return out

@@ -1,0 +1,53 @@
+"""The RL step in process: the on-policy fast path skips the old-log-prob forward and still checks the
+engine's weights; a corrupted engine stops the run either way."""
+
+import pytest
+import torch
+
+from rlcore.config import freeze
+from rlcore.recipe import compose
+from rlcore.trainer import Trainer
+from rlcore.validate import validate
+
+SMALL = ["model.warmstart.steps=0", "train.prompts_per_step=4", "rollout.samples_per_prompt=4",
+         "rollout.max_new_tokens=6", "data.task.num_train=64", "data.task.num_eval=8", "trainer.eval_every=0"]
+
+
+def make_trainer(tmp_path, *overrides):
+    cfg, _ = compose("quickstart", [*SMALL, *overrides])
+    plan = validate(cfg)
+    freeze(cfg)
+    return Trainer(cfg, plan, tmp_path)
+
+
+@pytest.mark.parametrize("minibatches, expect_forward", [(1, False), (2, True)])
+def test_old_logprob_forward_only_when_not_on_policy(tmp_path, monkeypatch, minibatches, expect_forward):
+    trainer = make_trainer(tmp_path, f"train.minibatches_per_step={minibatches}")
+    calls = []
+    original = trainer.actor.logprobs
+    monkeypatch.setattr(trainer.actor, "logprobs", lambda *a, **k: calls.append(1) or original(*a, **k))
+    try:
+        metrics = trainer.rl_step()
+    finally:
+        trainer.close()
+    assert bool(calls) == expect_forward
+    assert metrics["sync/mean_logprob_diff"] < 1e-4  # the check ran, on whichever log-probs were the old ones
+    assert "actor/pg_loss" in metrics
+
+
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_corrupted_engine_weights_stop_the_step(tmp_path, monkeypatch, minibatches):
+    trainer = make_trainer(tmp_path, f"train.minibatches_per_step={minibatches}")
+    sync = trainer.engine.load_weights
+
+    def corrupt_after_sync(named):
+        sync(named)
+        with torch.no_grad():
+            trainer.engine.model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+
+    monkeypatch.setattr(trainer.engine, "load_weights", corrupt_after_sync)
+    try:
+        with pytest.raises(RuntimeError, match="weight sync check failed"):
+            trainer.rl_step()
+    finally:
+        trainer.close()
