@@ -11,11 +11,11 @@ each printing JSON lines:
   generate_overhead  forward hooks on the engine's model: time inside model forward calls vs the whole
                      generate call (the rest is transformers' decode loop: logits processors, sampling,
                      stopping criteria, cache bookkeeping, and rlcore's logprob recorder).
-  old_logprobs       A/B on one trainer, alternating steps: as is, vs the old-logprob forward replaced by
-                     the engine's rollout log-probs (costs nothing; what an on-policy fast path costs).
-                     Also checks, once, how far the old log-probs are from the update's own log-probs.
+  old_logprobs       A/B on one trainer, alternating steps: the on-policy fast path (the update's own
+                     log-probs, detached, as old ones; the default for this workload) vs a separate
+                     old-log-prob forward. Exactness is a unit test (tests/rlcore/test_actor.py).
   attention          A/B, alternating steps: actor and engine on sdpa (the default) vs eager attention.
-  microbatch         trainers with train.max_tokens_per_microbatch 8192 (default), 2048, 1024, interleaved:
+  microbatch         trainers with train.max_tokens_per_microbatch 8192, 2048 (the quickstart's), 1024, interleaved:
                      padding computed vs update time.
   split_control      no trainer: forward+backward of 128 rows x 38 tokens with no padding, cut into 1, 2, 4, 8
                      micro-batches (same tokens, same math): separates the working-set effect from padding.
@@ -159,66 +159,20 @@ def exp_generate_overhead(args) -> None:
 
 def exp_old_logprobs(args) -> None:
     trainer = workload.build_rlcore_trainer()
-    real_logprobs, real_collect = trainer.actor.logprobs, rlcore.trainer.collect
-    last = {}
+    fast_path = trainer._exactly_on_policy
 
-    def collect_and_keep(**kwargs):
-        last["rollout"] = real_collect(**kwargs)
-        return last["rollout"]
+    def force_old_forward():
+        trainer._exactly_on_policy = lambda num_rows: False
 
-    rlcore.trainer.collect = collect_and_keep
+    def restore():
+        trainer._exactly_on_policy = fast_path
+
     try:
-        # Once: old log-probs (eval-mode forward) vs the update's own log-probs (train-mode forward, before the
-        # optimizer step) on the same micro-batches: equal means old = logp.detach() is exact when on-policy.
-        captured, splits = [], []
-        real_response_logprobs, real_split = rlcore.actor.response_logprobs, rlcore.actor.micro_batches
-
-        def capture(*a, **k):
-            out = real_response_logprobs(*a, **k)
-            if torch.is_grad_enabled():
-                captured.append(out[0].detach().clone())
-            return out
-
-        def split(*a, **k):
-            parts = real_split(*a, **k)
-            if torch.is_grad_enabled():
-                splits.extend(parts)
-            return parts
-
-        old = {}
-
-        def keep_old(*a, **k):
-            old["logprobs"] = real_logprobs(*a, **k)
-            return old["logprobs"]
-
-        trainer.actor.logprobs, rlcore.actor.response_logprobs, rlcore.actor.micro_batches = keep_old, capture, split
-        try:
-            timed_step(trainer)
-        finally:
-            trainer.actor.logprobs = real_logprobs
-            rlcore.actor.response_logprobs, rlcore.actor.micro_batches = real_response_logprobs, real_split
-        batch = last["rollout"].batch
-        diff = engine_diff = 0.0
-        for idx, update_logp in zip(splits, captured):  # micro-batch rows, response columns trimmed to its longest
-            T = update_logp.shape[1]
-            mask = batch.mask[idx, :T]
-            diff = max(diff, ((old["logprobs"][idx, :T] - update_logp).abs() * mask).max().item())
-            engine_diff = max(engine_diff, ((batch.rollout_logprobs[idx, :T] - update_logp).abs() * mask).max().item())
-        emit({"experiment": "old_logprobs", "check": "max |old - update logp| on response tokens",
-              "max_abs_diff": diff, "engine_vs_update_max_abs_diff": engine_diff, "update_microbatches": len(captured)})
-
-        def skip():
-            trainer.actor.logprobs = lambda *a, **k: last["rollout"].batch.rollout_logprobs.clone()
-
-        def restore():
-            trainer.actor.logprobs = real_logprobs
-
-        result = run_ab({"as_is": (trainer, nothing, nothing), "skip_old_forward": (trainer, skip, restore)},
-                        args.warmup, args.steps)
-        emit({"experiment": "old_logprobs", **result,
-              "step_saving_frac": round(1 - result["skip_old_forward"]["step"] / result["as_is"]["step"], 3)})
+        result = run_ab({"on_policy_fast_path": (trainer, nothing, nothing),
+                         "old_logprob_forward": (trainer, force_old_forward, restore)}, args.warmup, args.steps)
+        emit({"experiment": "old_logprobs", **result, "step_saving_frac":
+              round(1 - result["on_policy_fast_path"]["step"] / result["old_logprob_forward"]["step"], 3)})
     finally:
-        rlcore.trainer.collect = real_collect
         trainer.close()
 
 

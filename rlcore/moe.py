@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rollout.routing import routers, unpack_router_output
+from rollout.routing import router_layers, routers, unpack_router_output
 
 
 def topk_weights(router: nn.Module, logits: Tensor, indices: Tensor, dtype: torch.dtype) -> Tensor:
@@ -65,9 +65,10 @@ class RouterPass:
 
     def __init__(self, model: nn.Module, valid: Tensor, forced: Tensor | None, *, replay: bool, aux: bool):
         self.routers = routers(model)
-        self.layer = {id(r): i for i, r in enumerate(self.routers)}
+        self.ordinal = {id(r): i for i, r in enumerate(self.routers)}  # index into the routing record
+        self.layer_number = router_layers(model)  # decoder layer of each router, for metric names
         self.valid, self.forced, self.replay, self.aux = valid, forced, replay, aux
-        self.counts: dict[int, Tensor] = {}  # layer -> (E,) tokens routed to each expert
+        self.counts: dict[int, Tensor] = {}  # decoder layer -> (E,) tokens routed to each expert
         self.mismatch: dict[int, tuple[float, float]] = {}  # layer -> (differing, compared) tokens
         self.aux_terms: dict[int, Tensor] = {}
         self._handles = []
@@ -83,10 +84,11 @@ class RouterPass:
 
     def _hook(self, module, inputs, output):
         logits, weights, idx = unpack_router_output(module, output)
-        layer = self.layer[id(module)]
+        ordinal = self.ordinal[id(module)]
+        layer = self.layer_number[ordinal]
         valid = self.valid.to(idx.device)
         if self.forced is not None:
-            rec = self.forced[layer].to(idx.device)
+            rec = self.forced[ordinal].to(idx.device)
             has = (rec[:, 0] >= 0) & valid
             same = (rec.sort(-1).values == idx.sort(-1).values).all(-1)
             self.mismatch[layer] = (float((~same & has).sum()), float(has.sum()))

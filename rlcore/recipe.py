@@ -54,7 +54,10 @@ def compose(recipe: str | None, overrides: list[str]) -> tuple[RLConfig, Path]:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
-            cfg = hydra_compose(config_name=path.stem, overrides=list(overrides))
+            # Built-in recipes are on the search path, so a recipe of your own may start from one
+            # (defaults: [gspo_arith, _self_]); its own folder comes first.
+            search = f"hydra.searchpath=[file://{recipes_dir()}]"
+            cfg = hydra_compose(config_name=path.stem, overrides=[*overrides, search])
         obj = OmegaConf.to_object(cfg)
     except Exception as e:  # Hydra/OmegaConf raise many types; all mean "this config is wrong"
         raise ConfigError(f"recipe {str(path)!r} with overrides {list(overrides)}:\n{_clean(e)}") from None

@@ -10,6 +10,8 @@ the model, i.e. the prompt and all generated tokens but the last.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -23,6 +25,17 @@ def routers(model: nn.Module) -> list[nn.Module]:
     if router_cls is None:
         return []
     return [m for m in model.modules() if isinstance(m, router_cls)]
+
+
+def router_layers(model: nn.Module) -> list[int]:
+    """The decoder-layer number of each router (DeepSeek-V3's first layers are dense, so router i is
+    not layer i); its ordinal when the module name carries no layer number."""
+    found = {id(m): name for name, m in model.named_modules()}
+    out = []
+    for i, r in enumerate(routers(model)):
+        match = re.search(r"layers\.(\d+)\.", found[id(r)])
+        out.append(int(match.group(1)) if match else i)
+    return out
 
 
 def unpack_router_output(module: nn.Module, output) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,7 +6,8 @@ vLLM's loaders for DeepSeek-V2/V3 and Mixtral, name them per expert (spec/vllm.m
 weights"):
 
     Qwen2/3-MoE, DeepSeek-V2/V3, OLMoE, ...   mlp.experts.{e}.gate_proj.weight / up_proj / down_proj
-    Mixtral                                  block_sparse_moe.experts.{e}.w1.weight / w3 / w2
+    Mixtral                                  block_sparse_moe.experts.{e}.w1.weight / w3 / w2,
+                                             and block_sparse_moe.gate.weight for the router
 
 Every other tensor keeps its module name. The weight sync sends these names, and the `hf` engine
 maps them back onto its own fused parameters, so the path vLLM needs is the one tested on CPU.
@@ -29,15 +30,15 @@ def checkpoint_tensors(name: str, tensor: torch.Tensor, model_type: str) -> Iter
     The views share storage with `tensor`: nothing is copied, and copying into a view writes the
     fused parameter in place (how the `hf` engine loads per-expert tensors).
     """
+    mixtral = model_type in MIXTRAL_NAMES
+    if mixtral:  # the whole sparse block (router and experts) keeps its old module name
+        name = name.replace(".mlp.", ".block_sparse_moe.")
     fused_gate_up = name.endswith(".experts.gate_up_proj") and tensor.dim() == 3
     fused_down = name.endswith(".experts.down_proj") and tensor.dim() == 3
     if not (fused_gate_up or fused_down):
         yield name, tensor
         return
     prefix = name.rsplit(".", 1)[0]  # "...mlp.experts"
-    mixtral = model_type in MIXTRAL_NAMES
-    if mixtral:
-        prefix = prefix.replace(".mlp.experts", ".block_sparse_moe.experts")
     if fused_gate_up:
         gate, up = tensor.chunk(2, dim=1)
         gate_name, up_name = ("w1", "w3") if mixtral else ("gate_proj", "up_proj")
