@@ -17,8 +17,10 @@ import torch
 from algos import KL_ESTIMATORS, POLICY_LOSSES, aggregate
 from rlcore.batch import TrainBatch, split_by_tokens
 from rlcore.config import RLConfig
-from rlcore.logprobs import response_logprobs
+from rlcore import dist
+from rlcore.logprobs import ResponseScorer, response_logprobs
 from rlcore.moe import LoadStats, MoEForward
+from rlcore.sharding import scalar
 from rollout.routing import routers
 
 
@@ -32,8 +34,20 @@ def build_optimizer(model, cfg: RLConfig):
 
 
 def micro_batches(prompt_ids, mask, max_tokens: int) -> list[list[int]]:
+    """Row indices of token-budget micro-batches. With several ranks every rank gets as many as the
+    rank that needs the most (FSDP gathers layers in each forward: the ranks must run in lockstep);
+    the others split their largest micro-batches in half, which keeps them within the budget."""
     lengths = [len(p) + int(n) for p, n in zip(prompt_ids, mask.sum(-1).tolist())]
-    return split_by_tokens(lengths, max_tokens)
+    parts = split_by_tokens(lengths, max_tokens)
+    count = int(dist.all_reduce(torch.tensor([len(parts)]), "max").item())
+    while len(parts) < count:
+        largest = max(range(len(parts)), key=lambda i: len(parts[i]))
+        if len(parts[largest]) < 2:
+            raise RuntimeError(f"this rank has {len(lengths)} rows, too few for the {count} micro-batches another "
+                               "rank needs; give every rank the same number of samples")
+        rows = parts.pop(largest)
+        parts += [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
+    return parts
 
 
 @torch.no_grad()
@@ -59,8 +73,12 @@ def batched_logprobs(model, prompt_ids, response_ids, mask, *, temperature: floa
 
 
 class Actor:
-    def __init__(self, model, cfg: RLConfig, *, pad_id: int, seqs_per_minibatch: int):
+    def __init__(self, model, cfg: RLConfig, *, pad_id: int, seqs_per_minibatch: int,
+                 scorer: ResponseScorer | None = None):
+        """scorer: the ResponseScorer around `model`, already sharded when training on several ranks
+        (the optimizer is built over the parameters as they are then)."""
         self.model, self.cfg, self.pad_id = model, cfg, pad_id
+        self.scorer = scorer if scorer is not None else ResponseScorer(model)
         self.seqs_per_minibatch = seqs_per_minibatch
         self.optimizer, self.scheduler = build_optimizer(model, cfg)
         self.is_moe = bool(routers(model))
@@ -69,7 +87,7 @@ class Actor:
     def logprobs(self, prompt_ids, response_ids, mask, routing=None) -> tuple[torch.Tensor, dict[str, float]]:
         """Old log-probs (no grad) and, for MoE with recorded routing, moe/routing_mismatch."""
         stats = LoadStats() if self.is_moe else None
-        logp = batched_logprobs(self.model, prompt_ids, response_ids, mask, temperature=self.cfg.rollout.temperature,
+        logp = batched_logprobs(self.scorer, prompt_ids, response_ids, mask, temperature=self.cfg.rollout.temperature,
                                 pad_id=self.pad_id, max_tokens=self.cfg.train.max_tokens_per_microbatch,
                                 routing=routing, replay=self.cfg.algo.routing_replay, stats=stats)
         metrics = {} if stats is None else stats.metrics()
@@ -108,11 +126,13 @@ class Actor:
         """One optimizer step. With mini.old_logprobs None (on-policy, mini is the whole batch in rollout
         order) the detached log-probs serve as old ones and are written into `record`."""
         a, t = self.cfg.algo, self.cfg.train
-        # Global counts of the mini-batch: the sum of micro-batch losses is the mini-batch loss.
-        counts = {"num_tokens": mini.mask.sum(), "num_seqs": (mini.mask.sum(-1) > 0).sum(),
-                  "norm_len": self.cfg.rollout.max_new_tokens}
+        # Global counts of the mini-batch (all ranks): the sum of micro-batch losses over ranks is the
+        # mini-batch loss, whatever the rank count (FSDP sums the gradients, rlcore.sharding).
+        totals = dist.all_reduce(torch.stack([mini.mask.sum(), (mini.mask.sum(-1) > 0).sum().float(),
+                                              mini.nll_mask.sum() if mini.nll_mask is not None else torch.tensor(0.)]))
+        counts = {"num_tokens": totals[0], "num_seqs": totals[1], "norm_len": self.cfg.rollout.max_new_tokens}
         # VAPO's NLL term is a token mean over the positive samples' tokens of the whole mini-batch.
-        num_nll_tokens = None if mini.nll_mask is None else mini.nll_mask.sum().clamp(min=1)
+        num_nll_tokens = None if mini.nll_mask is None else totals[2].clamp(min=1)
         num_tokens = max(float(counts["num_tokens"]), 1.0)
         device = next(self.model.parameters()).device
         stats: dict[str, float] = defaultdict(float)
@@ -125,7 +145,7 @@ class Actor:
             moe = None if self._load is None else MoEForward(
                 routing=micro.routing, replay=a.routing_replay, aux=a.router_aux_loss_coef > 0, stats=self._load,
                 mismatch=micro.old_logprobs is None)  # on-policy: this pass is the old-log-prob pass
-            logp, entropy = response_logprobs(self.model, micro.prompt_ids, micro.response_ids, micro.mask,
+            logp, entropy = response_logprobs(self.scorer, micro.prompt_ids, micro.response_ids, micro.mask,
                                               temperature=self.cfg.rollout.temperature, pad_id=self.pad_id,
                                               with_entropy=True, entropy_grad=a.entropy_coef != 0, moe=moe)
             if micro.old_logprobs is None:  # exactly on-policy: ratio 1 in value, gradient of logp
@@ -153,13 +173,13 @@ class Actor:
             if moe is not None and moe.aux_loss is not None:  # per micro-batch mean, weighted to the mini-batch
                 loss = loss + a.router_aux_loss_coef * share * moe.aux_loss
                 stats["router_aux_loss"] += moe.aux_loss.item() * share
-            loss.backward()
+            (loss * dist.world_size()).backward()  # FSDP averages over ranks; the losses add up (rlcore.sharding)
             stats["pg_loss"] += pg_loss.item()
             stats["entropy"] += float((entropy.detach() * mask).sum()) / num_tokens
             for k, v in pg_stats.items():
                 stats[k] += v * share
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        stats["grad_norm"] = scalar(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.optimizer.step()
         self.scheduler.step()
         return stats

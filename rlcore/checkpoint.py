@@ -1,14 +1,17 @@
-"""Checkpoints (atomic, last K kept, resumable) and the self-checking Hugging Face export.
+"""Checkpoints (atomic, last K kept, resumable on any rank count) and the self-checking export.
 
     RUN/checkpoints/step_000120/
-        model/          Hugging Face folder (safetensors, config, tokenizer, generation_config)
-        critic/         the value model, when critic.enabled
-        trainer.pt      optimizer, scheduler and RNG states
+        dcp/            torch.distributed.checkpoint: actor weights and optimizer state (and the
+                        critic's), each rank writing its shards; loads on a different rank count
+        model/          the model's config and tokenizer (the weights are in dcp/)
+        trainer.pt      scheduler states (and the critic's)
+        rng_<rank>.pt   each rank's RNG states
         state.json      step, data position
         config.yaml     the resolved config
 
 A checkpoint is written into a hidden temporary folder and renamed into place, so a kill during a
-save never leaves a partial folder that looks like a checkpoint.
+save never leaves a partial folder that looks like a checkpoint. Every rank calls save and load
+(they are collectives); rank 0 alone writes the small files and renames.
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ import os
 import random
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from rlcore import dist
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -35,84 +42,165 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "state.json").is_file()]
 
 
+@contextmanager
+def _one_process_ok():
+    """DCP warns that it assumes a single process when there is no process group: that is the point."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _training_state(model, optimizer, critic) -> dict:
+    """What dcp/ holds, as state dicts of the (possibly sharded) modules: DTensors stay sharded."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    if critic is not None:
+        state["critic"] = get_model_state_dict(critic.model)
+        state["critic_optim"] = get_optimizer_state_dict(critic.model, critic.optimizer)
+    return state
+
+
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, scheduler, data_state: dict,
                     config_yaml: str, keep_last: int, critic=None) -> Path:
+    import torch.distributed.checkpoint as dcp
+
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "model")
-    if critic is not None:
-        critic.model.save_pretrained(tmp / "critic", safe_serialization=True)
-    torch.save({
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "critic": None if critic is None else {"optimizer": critic.optimizer.state_dict(),
-                                               "scheduler": critic.scheduler.state_dict()},
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+    tmp = root / f".tmp_step_{step:06d}"
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    with _one_process_ok():
+        dcp.save(_training_state(model, optimizer, critic), checkpoint_id=str(tmp / "dcp"))
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }, tmp / "trainer.pt")
-    (tmp / "config.yaml").write_text(config_yaml)
-    # state.json last: its presence marks the folder complete even before the rename.
-    (tmp / "state.json").write_text(json.dumps({"step": step, "data": data_state}))
-    _fsync_tree(tmp)
-    if final.exists():  # a stale folder of a discarded trajectory at the same step
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for old in checkpoint_dirs(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stray in root.glob(".tmp_step_*"):  # leftovers of killed saves
-        shutil.rmtree(stray, ignore_errors=True)
+               tmp / f"rng_{dist.rank()}.pt")
+    dist.barrier()
+    if dist.is_main():
+        model.config.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        if critic is not None:
+            critic.model.config.save_pretrained(tmp / "critic")
+        torch.save({"scheduler": scheduler.state_dict(),
+                    "critic_scheduler": None if critic is None else critic.scheduler.state_dict()}, tmp / "trainer.pt")
+        (tmp / "config.yaml").write_text(config_yaml)
+        # state.json last: its presence marks the folder complete even before the rename.
+        (tmp / "state.json").write_text(json.dumps({"step": step, "data": data_state,
+                                                    "world_size": dist.world_size()}))
+        _fsync_tree(tmp)
+        if final.exists():  # a stale folder of a discarded trajectory at the same step
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in checkpoint_dirs(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stray in root.glob(".tmp_step_*"):  # leftovers of killed saves
+            shutil.rmtree(stray, ignore_errors=True)
+    dist.barrier()
     return final
 
 
-def load_trainer_state(ckpt: Path, *, optimizer, scheduler, critic=None) -> dict:
-    """Restore optimizer, scheduler, critic and RNG from a checkpoint; return its state.json."""
+def load_checkpoint(ckpt: Path, *, model, optimizer, scheduler, critic=None) -> dict:
+    """Restore weights, optimizer, scheduler, critic and this rank's RNG; return state.json.
+
+    The shards are resharded to this run's rank count; a rank the checkpoint had no RNG file for
+    (more ranks now) keeps its own seeded RNG.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = _training_state(model, optimizer, critic)
+    with _one_process_ok():
+        dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])
     blob = torch.load(ckpt / "trainer.pt", weights_only=False)
-    optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     if critic is not None:
-        from rlcore.critic import load_value_model
-
-        critic.model.load_state_dict(load_value_model(str(ckpt / "critic")).state_dict())
-        critic.optimizer.load_state_dict(blob["critic"]["optimizer"])
-        critic.scheduler.load_state_dict(blob["critic"]["scheduler"])
-    rng = blob["rng"]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        set_model_state_dict(critic.model, state["critic"])
+        set_optimizer_state_dict(critic.model, critic.optimizer, state["critic_optim"])
+        critic.scheduler.load_state_dict(blob["critic_scheduler"])
+    rng_file = ckpt / f"rng_{dist.rank()}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((ckpt / "state.json").read_text())
+
+
+def load_checkpoint_model(ckpt: Path):
+    """The actor of a checkpoint as a plain Hugging Face model on CPU, in one process (for export)."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(ckpt / "model", local_files_only=True)
+    dtype = getattr(config, "dtype", None)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    state = {"model": model.state_dict()}
+    with _one_process_ok():
+        dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
+    model.load_state_dict(state["model"])
+    return model
 
 
 def export_hf(model, tokenizer, out_dir: Path, *, atol: float | None = None) -> float:
     """Write a Hugging Face folder and check it: reload it and compare logits on a few tokens.
 
     Refuses to write into an existing non-empty folder. Returns the max |logit difference|.
+    A sharded model is gathered to rank 0 (the other ranks hold no copy; rank 0 one full copy on CPU,
+    assigned into a model skeleton without copying); only rank 0 writes, and all ranks get the diff.
     """
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"export folder {str(out_dir)!r} exists and is not empty; choose another one")
-    tmp = out_dir.with_name(f".tmp_{out_dir.name}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype, local_files_only=True)
-    diff = _max_logit_diff(model, reloaded)
-    tol = atol if atol is not None else (1e-5 if model.dtype == torch.float32 else 1e-2)
-    if not diff <= tol:
+    if dist.active():
+        model = _gather_to_main(model)
+    diff = 0.0
+    if dist.is_main():
+        tmp = out_dir.with_name(f".tmp_{out_dir.name}_{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        raise RuntimeError(f"export check failed: reloaded logits differ by {diff:.3g} (> {tol:g})")
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
-    return diff
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype, local_files_only=True)
+        diff = _max_logit_diff(model, reloaded)
+        tol = atol if atol is not None else (1e-5 if model.dtype == torch.float32 else 1e-2)
+        if not diff <= tol:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RuntimeError(f"export check failed: reloaded logits differ by {diff:.3g} (> {tol:g})")
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(tmp, out_dir)
+    return float(dist.all_reduce(torch.tensor([diff]), "max").item())
+
+
+def _gather_to_main(model):
+    """A plain copy of a sharded model on rank 0 (None elsewhere): the full state dict is gathered to
+    rank 0's CPU and assigned into a meta-device skeleton, so rank 0 holds one full copy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_main():
+        return None
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
+    plain.load_state_dict(full, assign=True)
+    plain.tie_weights()
+    # Buffers outside the state dict (rotary inv_freq): FSDP does not shard buffers, so take them as is.
+    for name, buf in model.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        target = plain.get_submodule(owner) if owner else plain
+        if getattr(target, leaf).is_meta:
+            target.register_buffer(leaf, buf.detach().cpu().clone(), persistent=False)
+    plain.generation_config = model.generation_config
+    return plain.eval()
 
 
 @torch.no_grad()

@@ -55,20 +55,39 @@ def train(args: list[str]) -> int:
     recipe = args[0] if args and "=" not in args[0] else None
     overrides = args[1:] if recipe else args
     cfg, path = compose(recipe, overrides)
+    from rlcore import dist
     from rlcore.config import freeze
     from rlcore.validate import validate
 
-    plan = validate(cfg)  # before any model loads
+    if cfg.trainer.nproc > 1 and dist.world_size() == 1:  # launch the ranks: this same command under torchrun
+        validate(cfg, world_size=cfg.trainer.nproc)  # fail here, once, before any process starts
+        return dist.launch(cfg.trainer.nproc, ["train", *args])
+    plan = validate(cfg, world_size=dist.world_size())  # before any model loads
     freeze(cfg)
-    run_dir = Path(cfg.trainer.output_dir or f"runs/{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    dist.init(plan.device)
+    try:
+        return _train(cfg, path, plan)
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg, path: Path, plan) -> int:
+    from rlcore import dist
+
+    # One run folder for all ranks: rank 0 names it (the default carries the time).
+    default = f"runs/{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.trainer.output_dir or dist.broadcast_object(default))
     resume_from = _resume_point(cfg.trainer.resume, run_dir)
     if resume_from is None and (run_dir / "hf").exists():
         raise ConfigError(f"{run_dir} already holds a finished run (hf/); set trainer.output_dir to a new folder")
     if resume_from is not None and (run_dir / "hf").exists():
         print(f"{run_dir} is already finished (export in {run_dir / 'hf'}); nothing to do", file=sys.stderr)
         return 0
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _write_config(run_dir, to_yaml(cfg))
+    main = dist.is_main()
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_config(run_dir, to_yaml(cfg))
+    dist.barrier()
 
     from rlcore.checkpoint import export_hf
     from rlcore.metrics import Tracker
@@ -80,11 +99,13 @@ def train(args: list[str]) -> int:
         if resume_from is not None:
             trainer.resume(resume_from)
             print(f"resumed from {resume_from} (step {trainer.step})", file=sys.stderr)
-        params = sum(p.numel() for p in trainer.actor.model.parameters())
-        print(f"run folder {run_dir} | {params / 1e6:.2f}M parameters on {plan.device} | "
-              f"{len(trainer.train_prompts)} prompts ({trainer.train_prompts.num_dropped} dropped as too long)",
-              file=sys.stderr)
-        tracker = Tracker(run_dir, total_steps=cfg.trainer.total_steps, start_step=trainer.step)
+        if main:
+            params = sum(p.numel() for p in trainer.actor.model.parameters())
+            ranks = f" x {plan.world_size} ranks ({cfg.trainer.sharding})" if plan.world_size > 1 else ""
+            print(f"run folder {run_dir} | {params / 1e6:.2f}M parameters on {plan.device}{ranks} | "
+                  f"{len(trainer.train_prompts)} prompts ({trainer.train_prompts.num_dropped} dropped as too long)",
+                  file=sys.stderr)
+        tracker = Tracker(run_dir, total_steps=cfg.trainer.total_steps, start_step=trainer.step, enabled=main)
         try:
             summary = trainer.fit(tracker)
         finally:
@@ -95,8 +116,9 @@ def train(args: list[str]) -> int:
     finally:
         trainer.close()
     summary["total_seconds"] = time.perf_counter() - started
-    write_summary(run_dir, summary)
-    _print_summary(summary, run_dir)
+    if main:
+        write_summary(run_dir, summary)
+        _print_summary(summary, run_dir)
     return 0
 
 
@@ -160,18 +182,17 @@ def export(args: list[str]) -> int:
     if len(args) != 2:
         print("usage: rlcore export RUN_OR_CHECKPOINT OUT", file=sys.stderr)
         return 2
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from rlcore.checkpoint import checkpoint_dirs, export_hf
+    from rlcore.checkpoint import checkpoint_dirs, export_hf, load_checkpoint_model
+    from rlcore.models import load_tokenizer
 
     source, out = Path(args[0]), Path(args[1])
-    if not (source / "model").is_dir():
+    if not (source / "dcp").is_dir():
         found = checkpoint_dirs(source)
         if not found:
             raise FileNotFoundError(f"{source} is neither a checkpoint folder nor a run folder with checkpoints")
         source = found[-1]
-    model = AutoModelForCausalLM.from_pretrained(source / "model", local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(source / "model", local_files_only=True)
+    model = load_checkpoint_model(source)
+    tokenizer = load_tokenizer(str(source / "model"), trust_remote_code=False)
     diff = export_hf(model, tokenizer, out)
     print(json.dumps({"checkpoint": str(source), "export": str(out), "max_logit_diff": diff}))
     return 0

@@ -17,6 +17,7 @@ import torch
 
 from algos import overlong_penalty
 from rewards.steps import step_end_tokens
+from rlcore import dist
 from rlcore.batch import RolloutBatch, StepRewards
 
 
@@ -38,14 +39,17 @@ class Collected:
 
 def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, timer) -> Collected:
     f, cache_len = cfg.algo.filter, cfg.algo.shaping.overlong_cache_tokens
-    need, n = cfg.train.prompts_per_step, cfg.rollout.samples_per_prompt
+    # The sampler draws the global batch and hands this rank its share; rounds run in lockstep over
+    # the ranks so every sampler stays at the same position.
+    need_global, n = cfg.train.prompts_per_step, cfg.rollout.samples_per_prompt
+    need = need_global // sampler.world_size
     kept_prompts, kept_samples, kept_scores, kept_steps = [], [], [], []
     drawn: list[int] = []
     scores_all, components, other, examples = [], defaultdict(list), defaultdict(list), []
     rounds = num_constant = 0
-    while len(kept_prompts) < need and rounds < (f.max_rounds if f.drop_constant_groups else 1):
+    while dist.any_rank(len(kept_prompts) < need) and rounds < (f.max_rounds if f.drop_constant_groups else 1):
         rounds += 1
-        idx = sampler.next_batch(need)
+        idx = sampler.next_batch(need_global)
         drawn += idx
         with timer("generate"):
             samples = engine.generate([prompts.token_ids[i] for i in idx], sampling)
@@ -81,6 +85,12 @@ def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, ti
             kept_scores.append(grouped[j])
             kept_steps += steps[j * n:(j + 1) * n] if steps else []
 
+    # Every rank trains on as many groups as the rank that kept the fewest (equal micro-batch and
+    # optimizer-step counts keep the sharded update in lockstep).
+    fewest = -int(dist.all_reduce(torch.tensor([-len(kept_prompts)]), "max").item())
+    if 0 < fewest < len(kept_prompts):
+        kept_prompts, kept_samples, kept_scores = kept_prompts[:fewest], kept_samples[:fewest], kept_scores[:fewest]
+        kept_steps = kept_steps[: fewest * n]
     metrics = _reward_metrics(scores_all, components, other)
     if f.drop_constant_groups:
         metrics |= {"filter/dropped_frac": num_constant / len(drawn), "filter/rounds": float(rounds),
@@ -88,7 +98,7 @@ def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, ti
         if len(kept_prompts) < need:
             print(f"warning: dynamic sampling kept {len(kept_prompts)} of {need} groups after {rounds} rounds "
                   "(algo.filter.max_rounds); training on those", file=sys.stderr)
-        if not kept_prompts:  # nothing has signal: train on the last round (all advantages are 0)
+        if fewest == 0:  # a rank kept nothing: every rank trains on its last round (equal sizes)
             kept_prompts = [prompts.token_ids[i] for i in idx]
             kept_samples, kept_scores, kept_steps = samples, list(grouped), steps or []
     batch = RolloutBatch.from_samples(kept_prompts, kept_samples)

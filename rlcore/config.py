@@ -318,7 +318,16 @@ class TrainerConfig(_Node):
     seed: int = 0
     """Seeds data order, sampling and initialisation."""
     nproc: int = 1
-    """Processes (ranks) to run."""
+    """Processes (ranks) to run: `rlcore train` launches them itself under torchrun (gloo on CPU, NCCL
+    on GPU). Under your own torchrun (multi-node too), leave it 1: the world size is torchrun's."""
+    sharding: str = "zero3"
+    """With several ranks, how FSDP2 shards actor, critic and reference per decoder layer: zero3
+    (parameters gathered per layer, freed after its forward), zero2 (kept gathered through
+    backward: more memory, fewer gathers) or replicate (whole copies, gradients all-reduced)."""
+    offload: bool = False
+    """With several ranks on GPU: keep parameters, gradients and optimizer state in CPU memory."""
+    mixed_precision: bool = False
+    """With several ranks: compute in bf16 over fp32 master weights, reduce gradients in fp32."""
     device: str = "auto"
     """cpu, cuda or auto (cuda when available)."""
     output_dir: Optional[str] = None

@@ -17,8 +17,10 @@ from torch import Tensor
 from transformers import AutoConfig, AutoModelForTokenClassification
 
 from algos import masked_mean, value_loss
+from rlcore import dist
 from rlcore.actor import micro_batches
 from rlcore.logprobs import pack_inputs
+from rlcore.sharding import scalar
 
 
 def _value_config(config):
@@ -134,8 +136,9 @@ class Critic:
         return metrics
 
     def _minibatch_step(self, prompt_ids, mask, response_ids, returns, old_values, *, norm_len: int):
-        # Global counts of the mini-batch: the sum of micro-batch losses is the mini-batch loss.
-        counts = {"num_tokens": mask.sum(), "num_seqs": (mask.sum(-1) > 0).sum(), "norm_len": norm_len}
+        # Global counts of the mini-batch (all ranks): the sum of micro-batch losses is the mini-batch loss.
+        totals = dist.all_reduce(torch.stack([mask.sum(), (mask.sum(-1) > 0).sum().float()]))
+        counts = {"num_tokens": totals[0], "num_seqs": totals[1], "norm_len": norm_len}
         num_tokens = max(float(counts["num_tokens"]), 1.0)
         device = next(self.model.parameters()).device
         stats: dict[str, float] = defaultdict(float)
@@ -145,14 +148,14 @@ class Critic:
             values = response_values(self.model, prompts, ids, m, pad_id=self.pad_id)
             loss, loss_stats = value_loss(values, old.to(device), ret.to(device), m.to(device), clip=self.value_clip,
                                           agg=self.aggregation, **counts)
-            loss.backward()
+            (loss * dist.world_size()).backward()  # FSDP averages over ranks; the losses add up (rlcore.sharding)
             # The loss already carries the global normalisation: it adds up; means are token-weighted.
             share = float(m.sum()) / num_tokens
             stats["value_loss"] += loss.item()
             stats["vf_clipfrac"] += loss_stats["vf_clipfrac"] * share
             stats["value_mean"] += loss_stats["value_mean"] * share
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-        stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        stats["grad_norm"] = scalar(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         self.optimizer.step()
         self.scheduler.step()
         return stats

@@ -40,6 +40,42 @@ def pack_inputs(prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor,
     return input_ids, attention_mask, pos
 
 
+class ResponseScorer(torch.nn.Module):
+    """A causal LM behind one forward call that scores response tokens.
+
+    Under FSDP this wrapper is the root module: the trunk, the final norm and the (possibly tied) LM
+    head are then all used inside one root forward, where FSDP has them gathered, while only the
+    selected hidden states go through the head.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, keep: Tensor, targets: Tensor, *,
+                temperature: float, with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+        """Flat (N,) log-probs (and entropies) of the kept response tokens."""
+        decoder, head = _split(self.model)
+        if decoder is None:  # models without a separable head: full logits (fine for small vocabularies)
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            hidden_sel = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))[keep]
+            head = torch.nn.Identity()
+        else:
+            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, P, H)
+            hidden_sel = torch.gather(hidden, 1, pos[..., None].expand(-1, -1, hidden.shape[-1]))[keep]  # (N, H)
+        target_sel = targets[keep]  # (N,)
+        logp_parts, ent_parts = [], []
+        for start in range(0, target_sel.shape[0], HEAD_CHUNK_TOKENS):
+            z = head(hidden_sel[start : start + HEAD_CHUNK_TOKENS]).float() / temperature  # (n, V)
+            lse = torch.logsumexp(z, dim=-1)
+            logp_parts.append(z.gather(-1, target_sel[start : start + HEAD_CHUNK_TOKENS, None])[:, 0] - lse)
+            if with_entropy:
+                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                    ent_parts.append(entropy_from_logits(z))
+        device = input_ids.device
+        return _cat(logp_parts, device), (_cat(ent_parts, device) if with_entropy else None)
+
+
 def response_logprobs(
     model,
     prompt_ids: list[list[int]],
@@ -54,44 +90,26 @@ def response_logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) of each response token, (B, T), 0 where mask is 0; entropy likewise.
 
+    model: a causal LM, or the ResponseScorer around it (which FSDP shards as the root).
     Gradients flow when called under grad mode (the update); wrap in no_grad for old/ref log-probs.
     entropy_grad=False computes the entropy outside the autograd graph (a metric only), so backward
     does not keep a (tokens x vocab) fp32 tensor alive for it. moe: routing replay, expert-load
     statistics and the router aux loss of MoE models (rlcore.moe.MoEForward).
     """
-    device = next(model.parameters()).device
+    scorer = model if isinstance(model, ResponseScorer) else ResponseScorer(model)
+    device = next(scorer.parameters()).device
     input_ids, attention_mask, pos = pack_inputs(prompt_ids, response_ids, mask, pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     pos, targets, keep = pos.to(device), response_ids.to(device), mask.to(device).bool()
-
-    decoder, head = _split(model)
-    routed = nullcontext() if moe is None else moe.router_pass(model, prompt_ids, mask.sum(-1).long().tolist(),
+    routed = nullcontext() if moe is None else moe.router_pass(scorer.model, prompt_ids, mask.sum(-1).long().tolist(),
                                                                 attention_mask)
     with routed:
-        if decoder is None:  # models without a separable head: full logits (fine for small vocabularies)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-            hidden_sel = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))[keep]
-            head = torch.nn.Identity()
-        else:
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, P, H)
-            hidden_sel = torch.gather(hidden, 1, pos[..., None].expand(-1, -1, hidden.shape[-1]))[keep]  # (N, H)
-
-    target_sel = targets[keep]  # (N,)
-    logp_parts, ent_parts = [], []
-    for start in range(0, target_sel.shape[0], HEAD_CHUNK_TOKENS):
-        z = head(hidden_sel[start : start + HEAD_CHUNK_TOKENS]).float() / temperature  # (n, V)
-        lse = torch.logsumexp(z, dim=-1)
-        logp_parts.append(z.gather(-1, target_sel[start : start + HEAD_CHUNK_TOKENS, None])[:, 0] - lse)
-        if with_entropy:
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                ent_parts.append(entropy_from_logits(z))
-
-    logprobs = torch.zeros(mask.shape, device=device, dtype=torch.float32)
-    logprobs = logprobs.masked_scatter(keep, _cat(logp_parts, device))
+        logp_sel, ent_sel = scorer(input_ids, attention_mask, pos, keep, targets, temperature=temperature,
+                                   with_entropy=with_entropy, entropy_grad=entropy_grad)
+    logprobs = torch.zeros(mask.shape, device=device, dtype=torch.float32).masked_scatter(keep, logp_sel)
     entropy = None
     if with_entropy:
-        entropy = torch.zeros(mask.shape, device=device, dtype=torch.float32)
-        entropy = entropy.masked_scatter(keep, _cat(ent_parts, device))
+        entropy = torch.zeros(mask.shape, device=device, dtype=torch.float32).masked_scatter(keep, ent_sel)
     return logprobs, entropy
 
 

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 
 import torch
 
-from rollout.weight_names import checkpoint_state
+from rlcore.sharding import full_tensor
+from rollout.weight_names import checkpoint_tensors
 
 # Mean |engine - actor| log-prob allowed per dtype: fp32 kernels agree to ~1e-6, bf16 to ~1e-2.
 MEAN_ABS_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
@@ -21,28 +22,74 @@ MEAN_ABS_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 
 
 def stream_weights(model, bucket_mb: int, stats: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) in checkpoint format (rollout.weight_names: per-expert MoE tensors, the
-    names from_pretrained and vLLM load), one bucket of about bucket_mb at a time.
+    names from_pretrained and vLLM load), gathered one bucket of at most bucket_mb at a time.
 
-    With one process the tensors are views of the actor's own (no copy); a sharded actor gathers each
-    bucket here before yielding it, so the whole model is never materialised twice.
+    A sharded (FSDP) actor all-gathers each bucket's tensors here, on every rank in the same order;
+    the bucket is dropped before the next is gathered, so beyond the sharded model at most one bucket
+    of full tensors (or one tensor, if larger) is alive: stats["max_bucket_bytes"] records it. With
+    one process the "full tensors" are the actor's own parameters (no copy). A parameter shared
+    under two names (tied embeddings) is sent once; the engines tie it themselves.
     """
-    bucket_bytes, in_bucket = bucket_mb * 2**20, 0
-    for name, tensor in checkpoint_state(model):
-        in_bucket += tensor.numel() * tensor.element_size()
-        stats["bytes"] += tensor.numel() * tensor.element_size()
-        if in_bucket >= bucket_bytes:
-            stats["buckets"] += 1
-            in_bucket = 0
-        yield name, tensor
-    stats["buckets"] += in_bucket > 0
+    bucket_bytes, model_type = bucket_mb * 2**20, model.config.model_type
+    bucket, size, seen = [], 0, set()
+    for name, param in model.state_dict(keep_vars=True).items():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        nbytes = param.numel() * param.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield from _send(bucket, size, model_type, stats)
+            bucket, size = [], 0
+        bucket.append((name, param))
+        size += nbytes
+    if bucket:
+        yield from _send(bucket, size, model_type, stats)
 
 
-def sync_weights(model, engine, *, bucket_mb: int) -> dict[str, float]:
+def _send(bucket: list, size: int, model_type: str, stats: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    full = [(name, full_tensor(p.detach())) for name, p in bucket]  # the collective: the whole bucket at once
+    stats["bytes"] += size
+    stats["buckets"] += 1
+    stats["max_bucket_bytes"] = max(stats.get("max_bucket_bytes", 0), size)
+    for name, tensor in full:
+        for ckpt_name, view in checkpoint_tensors(name, tensor, model_type):
+            stats["checksums"][ckpt_name] = checksum(view)
+            yield ckpt_name, view
+
+
+def checksum(t: torch.Tensor) -> tuple[float, float]:
+    """(sum, sum of |x|) in float64: cheap, and a scaled, zeroed or stale tensor changes the pair."""
+    t = t.detach().double()
+    return float(t.sum()), float(t.abs().sum())
+
+
+def sync_weights(model, engine, *, bucket_mb: int, verify: bool = True, dtype: torch.dtype | None = None
+                 ) -> dict[str, float]:
+    """Stream the actor's weights into the engine; then (verify) compare checksums of every tensor in
+    the engine with those sent, and stop naming the worst tensor if one differs beyond the engine
+    dtype's rounding."""
     start = time.perf_counter()
-    stats = {"bytes": 0, "buckets": 0}
+    stats = {"bytes": 0, "buckets": 0, "checksums": {}}
     engine.load_weights(stream_weights(model, bucket_mb, stats))
-    return {"sync/bytes": float(stats["bytes"]), "sync/buckets": float(stats["buckets"]),
-            "sync/seconds": time.perf_counter() - start}
+    metrics = {"sync/bytes": float(stats["bytes"]), "sync/buckets": float(stats["buckets"]),
+               "sync/max_bucket_bytes": float(stats.get("max_bucket_bytes", 0)),
+               "sync/seconds": time.perf_counter() - start}
+    if verify and hasattr(engine, "weight_checksums"):
+        sent = stats["checksums"]
+        got = engine.weight_checksums(list(sent))
+        # Casting to the engine's dtype rounds each element by up to half a unit in the last place:
+        # the sum moves by at most that fraction of sum |x|.
+        tol = {torch.float32: 1e-6, torch.bfloat16: 4e-3, torch.float16: 1e-3}.get(dtype or torch.float32, 4e-3)
+        errors = {n: max(abs(got[n][0] - s[0]), abs(got[n][1] - s[1])) / max(s[1], 1e-12) for n, s in sent.items()}
+        worst = max(errors, key=errors.get) if errors else None
+        metrics["sync/max_checksum_error"] = errors[worst] if worst else 0.0
+        if worst is not None and errors[worst] > tol:
+            raise RuntimeError(
+                f"weight sync check failed: tensor {worst!r} in the rollout engine differs from the actor's "
+                f"(relative checksum error {errors[worst]:.3g} > {tol:g}); the engine is not sampling from the "
+                "weights being trained. Set rollout.verify_sync=false only to debug.")
+    metrics["sync/seconds"] = time.perf_counter() - start
+    return metrics
 
 
 def verify_rollout_logprobs(batch, old_logprobs: torch.Tensor, cfg, tokenizer) -> dict[str, float]:

@@ -21,17 +21,20 @@ from algos import (ADVANTAGES, KL_ESTIMATORS, adaptive_kl_coef, gae, grpo_proces
                    masked_whiten, rollout_mismatch_metrics, step_token_rewards, truncated_is_weights)
 from rewards import CompositeReward
 from rlcore import checkpoint as ckpt
+from rlcore import dist
 from rlcore.actor import Actor, batched_logprobs
 from rlcore.batch import TrainBatch
 from rlcore.build import build_data, build_policy, build_tokenizer, reward_specs
 from rlcore.collect import collect
 from rlcore.critic import Critic, build_value_model, load_value_model
 from rlcore.config import RLConfig
-from rlcore.data import PromptSampler
+from rlcore.data import Prompts, PromptSampler
 from rlcore.evaluate import evaluate
+from rlcore.logprobs import ResponseScorer
 from rlcore.metrics import Timer, Tracker
 from rlcore.models import DTYPES
 from rlcore.recipe import ConfigError, to_yaml
+from rlcore.sharding import shard
 from rlcore.sync import sync_weights, verify_rollout_logprobs
 from rlcore.validate import Plan
 from rollout import ENGINES, SamplingParams
@@ -41,12 +44,12 @@ from rollout.routing import routers
 class Trainer:
     def __init__(self, cfg: RLConfig, plan: Plan, run_dir: Path):
         self.cfg, self.plan, self.run_dir = cfg, plan, run_dir
-        seed_everything(cfg.trainer.seed)
+        seed_everything(cfg.trainer.seed + dist.rank())  # models are built from their own seeds: equal on all ranks
         self.tokenizer = build_tokenizer(cfg)
         self.train_prompts, self.eval_prompts = build_data(cfg, self.tokenizer)
         policy = build_policy(cfg, self.tokenizer, self.train_prompts, plan.device)
         # The reference is the initial policy, frozen; kept only when a KL term needs it.
-        self.ref = _frozen(copy.deepcopy(policy)) if cfg.algo.kl.coef > 0 else None
+        ref = _frozen(copy.deepcopy(policy)) if cfg.algo.kl.coef > 0 else None
         is_moe = bool(routers(policy))
         if cfg.algo.routing_replay and not is_moe:
             raise ConfigError("algo.routing_replay=true but the model has no MoE routers; set it false for dense "
@@ -58,11 +61,24 @@ class Trainer:
             # the hf engine records MoE routing for replay and for moe/routing_mismatch
             **({"record_routing": True} if is_moe and cfg.rollout.engine == "hf" and cfg.rollout.mode != "paged"
                else {}))
+        value_model = build_value(cfg, policy)  # from the whole policy, before it is sharded
+        # Scoring modules (the FSDP roots when sharded): the actor's and the reference's.
+        scorer, self.ref = ResponseScorer(policy), None if ref is None else ResponseScorer(ref)
+        if plan.world_size > 1:
+            tr = cfg.trainer
+            opts = dict(strategy=tr.sharding, device=plan.device, offload=tr.offload,
+                        mixed_precision=tr.mixed_precision)
+            shard(scorer, policy, **opts)
+            if self.ref is not None:
+                shard(self.ref, ref, **opts)
+            if value_model is not None:
+                shard(value_model, value_model, **opts)
         self.actor = Actor(policy, cfg, pad_id=self.tokenizer.pad_token_id,
-                           seqs_per_minibatch=plan.seqs_per_minibatch_per_rank)
-        self.critic = build_critic(cfg, policy, pad_id=self.tokenizer.pad_token_id,
+                           seqs_per_minibatch=plan.seqs_per_minibatch_per_rank, scorer=scorer)
+        self.critic = build_critic(cfg, value_model, pad_id=self.tokenizer.pad_token_id,
                                    seqs_per_minibatch=plan.seqs_per_minibatch_per_rank)
-        self.sampler = PromptSampler(len(self.train_prompts), seed=cfg.trainer.seed)
+        self.sampler = PromptSampler(len(self.train_prompts), seed=cfg.trainer.seed, rank=dist.rank(),
+                                     world_size=plan.world_size)
         self.reward_fn = CompositeReward(reward_specs(cfg, self.tokenizer), timeout_s=cfg.reward.timeout_s,
                                          num_workers=cfg.reward.num_workers, device=plan.device)
         r = cfg.rollout
@@ -79,7 +95,7 @@ class Trainer:
         # 1-2. rollout: stream the actor's weights into the engine (bucketed), wake it to sample
         with t("sync"):
             self.engine.wake()
-            sync_metrics = sync_weights(self.actor.model, self.engine, bucket_mb=cfg.rollout.sync_bucket_mb)
+            sync_metrics = self._sync()
 
         # 1-4. prompts -> n samples each -> rewards; DAPO dynamic sampling repeats this to fill the step
         rollout = collect(cfg=cfg, sampler=self.sampler, prompts=self.train_prompts, engine=self.engine,
@@ -136,16 +152,16 @@ class Trainer:
                     batch.prompt_ids, batch.response_ids, batch.mask, returns, values,
                     epochs=cfg.train.epochs_per_step, minibatches=cfg.train.minibatches_per_step)
 
-        # 8. record
+        # 8. record (metrics over all ranks)
         lengths = batch.mask.sum(-1)
         self._last = rollout
-        return {
+        return dist.reduce_metrics({
             **rollout.metrics, **update_metrics, **sync_metrics, **correction_metrics,
             "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
             "response/clipped_ratio": batch.is_truncated.float().mean().item(),
             "data/epoch": float(self.sampler.epoch), "data/dropped_prompts": float(self.train_prompts.num_dropped),
             "perf/generated_tokens": lengths.sum().item(),
-        }
+        })
 
     def _gae(self, batch, scores, steps, old_logprobs, ref_logprobs, values):
         """PPO / VAPO advantages (whitened) and critic returns from token rewards and the values."""
@@ -166,7 +182,12 @@ class Trainer:
         advantages, returns = gae(rewards, values, mask, gamma=a.gamma, lam=lam)
         if a.lam_critic is not None:  # VAPO decoupled GAE: the critic's own lambda for its targets
             _, returns = gae(rewards, values, mask, gamma=a.gamma, lam=a.lam_critic)
-        return masked_whiten(advantages, mask), returns, metrics
+        return global_whiten(advantages, mask), returns, metrics
+
+    def _sync(self) -> dict[str, float]:
+        r = self.cfg.rollout
+        return sync_weights(self.actor.model, self.engine, bucket_mb=r.sync_bucket_mb, verify=r.verify_sync,
+                            dtype=DTYPES[r.dtype or self.cfg.model.dtype])
 
     def _exactly_on_policy(self, num_rows: int) -> bool:
         """True when nothing needs the old log-probs before the update and the update is one optimizer
@@ -191,7 +212,8 @@ class Trainer:
         if self.eval_before is None and self.eval_prompts is not None:
             self.eval_before = self.evaluate()
             tracker.log(self.step, {f"eval/{k}": v for k, v in self.eval_before.items()})
-            print(f"held-out accuracy before RL: {self.eval_before['accuracy']:.3f}", file=sys.stderr)
+            if dist.is_main():
+                print(f"held-out accuracy before RL: {self.eval_before['accuracy']:.3f}", file=sys.stderr)
         start = time.perf_counter()
         while self.step < cfg.total_steps:
             step_start = time.perf_counter()
@@ -217,9 +239,15 @@ class Trainer:
         return summary
 
     def evaluate(self) -> dict[str, float]:
-        sync_weights(self.actor.model, self.engine, bucket_mb=self.cfg.rollout.sync_bucket_mb)
-        return evaluate(self.engine, self.reward_fn, self.eval_prompts, self.tokenizer,
-                        max_new_tokens=self.cfg.rollout.max_new_tokens, stop_token_ids=self.sampling.stop_token_ids)
+        """Greedy held-out accuracy; with several ranks each scores every world-size-th prompt."""
+        self._sync()
+        p, r, w = self.eval_prompts, dist.rank(), self.plan.world_size
+        mine = Prompts(p.rows[r::w], p.texts[r::w], p.token_ids[r::w], p.num_dropped)
+        result = evaluate(self.engine, self.reward_fn, mine, self.tokenizer, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                          stop_token_ids=self.sampling.stop_token_ids) if len(mine) else {"accuracy": 0.0, "reward_mean": 0.0}
+        sums = dist.all_reduce(torch.tensor([result["accuracy"] * len(mine), result["reward_mean"] * len(mine),
+                                             float(len(mine))], dtype=torch.float64))
+        return {"accuracy": float(sums[0] / sums[2]), "reward_mean": float(sums[1] / sums[2])}
 
     def _samples_markdown(self) -> str:
         rows = [f"| {p!r} | {r!r} | {s:.3f} |" for p, r, s in self._last.examples]
@@ -234,12 +262,8 @@ class Trainer:
             config_yaml=to_yaml(self.cfg), keep_last=self.cfg.trainer.keep_last, critic=self.critic)
 
     def resume(self, folder: Path) -> None:
-        from transformers import AutoModelForCausalLM
-
-        saved = AutoModelForCausalLM.from_pretrained(folder / "model", local_files_only=True)
-        self.actor.model.load_state_dict(saved.state_dict())
-        state = ckpt.load_trainer_state(folder, optimizer=self.actor.optimizer, scheduler=self.actor.scheduler,
-                                        critic=self.critic)
+        state = ckpt.load_checkpoint(folder, model=self.actor.model, optimizer=self.actor.optimizer,
+                                     scheduler=self.actor.scheduler, critic=self.critic)
         self.eval_before = state["data"].pop("eval_before")
         self.kl_coef = state["data"].pop("kl_coef")
         self.sampler.load_state_dict(state["data"])
@@ -285,16 +309,36 @@ def write_summary(run_dir: Path, summary: dict) -> None:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
-def build_critic(cfg: RLConfig, policy, *, pad_id: int, seqs_per_minibatch: int) -> Critic | None:
+def build_value(cfg: RLConfig, policy):
+    """The critic's value model (critic.path, or the policy's trunk with a zero head), or None."""
     c = cfg.critic
     if not c.enabled:
         return None
     model = load_value_model(c.path) if c.path else build_value_model(policy)
-    t = cfg.train
-    return Critic(model.to(next(policy.parameters()).device), lr=c.lr, warmup_steps=c.warmup_steps,
+    return model.to(next(policy.parameters()).device)
+
+
+def build_critic(cfg: RLConfig, model, *, pad_id: int, seqs_per_minibatch: int) -> Critic | None:
+    if model is None:
+        return None
+    c, t = cfg.critic, cfg.train
+    return Critic(model, lr=c.lr, warmup_steps=c.warmup_steps,
                   weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, value_clip=c.value_clip,
                   aggregation=cfg.algo.aggregation, max_tokens_per_microbatch=t.max_tokens_per_microbatch,
                   seqs_per_minibatch=seqs_per_minibatch, pad_id=pad_id, norm_len=cfg.rollout.max_new_tokens)
+
+
+def global_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """algos.masked_whiten over the whole batch of all ranks (mean and unbiased variance all-reduced)."""
+    if not dist.active():
+        return masked_whiten(values, mask)
+    valid = mask.bool()
+    x = torch.where(valid, values, 0.0)
+    sums = dist.all_reduce(torch.stack([x.sum(), valid.sum().float()]))
+    mean = sums[0] / sums[1]
+    sq = dist.all_reduce(torch.where(valid, (x - mean) ** 2, 0.0).sum().reshape(1))[0]
+    var = sq / sums[1] * sums[1] / (sums[1] - 1)
+    return torch.where(valid, (values - mean) * torch.rsqrt(var + 1e-8), 0.0)
 
 
 def score_rewards(scores, mask) -> torch.Tensor:

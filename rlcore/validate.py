@@ -122,8 +122,17 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
     need(cfg.reward.timeout_s > 0 and cfg.reward.num_workers >= 1,
          "reward.timeout_s must be > 0 and reward.num_workers >= 1")
     # --- batch sizes
-    need(tr.nproc == 1 and world_size == 1,
-         f"trainer.nproc={tr.nproc}: multi-process training is not available yet; set trainer.nproc=1")
+    need(tr.nproc >= 1, "trainer.nproc must be >= 1")
+    need(tr.nproc in (1, world_size),
+         f"trainer.nproc={tr.nproc} but this process is one of {world_size} ranks started by torchrun; "
+         "leave trainer.nproc=1 under torchrun")
+    one_of("trainer.sharding", tr.sharding, {"zero3", "zero2", "replicate"})
+    need(not tr.offload or tr.device != "cpu", "trainer.offload=true moves GPU memory to the CPU; on CPU set it false")
+    if world_size > 1:
+        need(a.estimator != "reinforce_pp",
+             "algo.estimator=reinforce_pp whitens over the batch of one rank; with several ranks use grpo, drgrpo "
+             "or rloo (group statistics stay on a rank), or trainer.nproc=1")
+        need(r.engine == "hf", f"rollout.engine={r.engine!r} is not available with several ranks yet")
     need(t.prompts_per_step >= 1 and t.prompts_per_step % world_size == 0,
          f"train.prompts_per_step={t.prompts_per_step} must be a positive multiple of the rank count {world_size}")
     seqs_per_rank = t.prompts_per_step // max(world_size, 1) * r.samples_per_prompt

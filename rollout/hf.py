@@ -132,11 +132,7 @@ class HFEngine:
         Raises ValueError naming the tensor for an unknown name, a shape mismatch or a sharded
         DTensor. Tensors copied before the error stay copied: treat the error as fatal.
         """
-        # name -> live Parameter/buffer (no copies), plus per-expert views into fused expert parameters
-        targets = self.model.state_dict(keep_vars=True)
-        model_type = self.model.config.model_type
-        targets |= {ckpt: view for name, t in list(targets.items())
-                    for ckpt, view in checkpoint_tensors(name, t.data, model_type) if ckpt != name}
+        targets = self._targets()
         for name, tensor in named_tensors:
             target = targets.get(name)
             if target is None:
@@ -153,6 +149,23 @@ class HFEngine:
                     f"the engine expects {tuple(target.shape)}"
                 )
             target.copy_(tensor)
+
+    def _targets(self) -> dict[str, torch.Tensor]:
+        """name -> live Parameter/buffer (no copies), plus per-expert views into fused expert parameters."""
+        targets = self.model.state_dict(keep_vars=True)
+        model_type = self.model.config.model_type
+        return targets | {ckpt: view for name, t in list(targets.items())
+                          for ckpt, view in checkpoint_tensors(name, t.data, model_type) if ckpt != name}
+
+    @torch.no_grad()
+    def weight_checksums(self, names: list[str]) -> dict[str, tuple[float, float]]:
+        """(sum, sum of |x|) in float64 of the engine's tensors under these names (the sync check)."""
+        targets = self._targets()
+        out = {}
+        for name in names:
+            t = targets[name].detach().double()
+            out[name] = (float(t.sum()), float(t.abs().sum()))
+        return out
 
     # --- memory -------------------------------------------------------------------------------------
 

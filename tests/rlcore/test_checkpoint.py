@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from rlcore.actor import build_optimizer
-from rlcore.checkpoint import checkpoint_dirs, export_hf, load_trainer_state, save_checkpoint
+from rlcore.checkpoint import checkpoint_dirs, export_hf, load_checkpoint, load_checkpoint_model, save_checkpoint
 from rlcore.config import RLConfig
 from rlcore.models import char_tokenizer, tiny_model
 
@@ -39,7 +38,7 @@ def test_keep_last_and_partial_folders_ignored(tmp_path, parts):
     assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
 
 
-def test_trainer_state_round_trip(tmp_path, parts):
+def test_checkpoint_round_trip_restores_weights_optimizer_scheduler_rng(tmp_path, parts):
     model, tok, opt, sched = parts
     model(input_ids=torch.tensor([[2, 3, 4]]), labels=torch.tensor([[2, 3, 4]])).loss.backward()
     opt.step()
@@ -47,15 +46,28 @@ def test_trainer_state_round_trip(tmp_path, parts):
     torch.manual_seed(123)
     folder = save(tmp_path, 7, parts)
     expected_draw = torch.rand(3)
-    opt2, sched2 = build_optimizer(model, RLConfig())
+    fresh = tiny_model(len(tok), hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                       seed=5)
+    opt2, sched2 = build_optimizer(fresh, RLConfig())
     torch.manual_seed(0)
-    state = load_trainer_state(folder, optimizer=opt2, scheduler=sched2)
-    assert state == {"step": 7, "data": {"epoch": 1, "position": 7}}
+    state = load_checkpoint(folder, model=fresh, optimizer=opt2, scheduler=sched2)
+    assert state == {"step": 7, "data": {"epoch": 1, "position": 7}, "world_size": 1}
     torch.testing.assert_close(torch.rand(3), expected_draw)  # RNG restored
-    assert opt2.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight  # still tied
+    for s1, s2 in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
+        assert torch.equal(s1["exp_avg"], s2["exp_avg"]) and torch.equal(s1["exp_avg_sq"], s2["exp_avg_sq"])
+        assert float(s1["step"]) == float(s2["step"])
     assert sched2.last_epoch == sched.last_epoch
-    reloaded = AutoModelForCausalLM.from_pretrained(folder / "model")
-    torch.testing.assert_close(reloaded.state_dict()["model.embed_tokens.weight"], model.model.embed_tokens.weight)
+
+
+def test_export_from_a_checkpoint_equals_the_model(tmp_path, parts):
+    model, tok, _, _ = parts
+    folder = save(tmp_path, 3, parts)
+    restored = load_checkpoint_model(folder)
+    for (name, a), b in zip(model.state_dict().items(), restored.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_export_loads_and_refuses_to_overwrite(tmp_path, parts):

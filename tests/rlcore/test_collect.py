@@ -1,7 +1,6 @@
 """Steps 1-4 with a fake engine: dynamic sampling (DAPO) and overlong shaping."""
 
 import pytest
-import torch
 
 from rewards import CompositeReward
 from rlcore.collect import collect

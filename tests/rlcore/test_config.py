@@ -1,6 +1,5 @@
 """Config composition, validation and the CLI's config errors."""
 
-from pathlib import Path
 
 import pytest
 

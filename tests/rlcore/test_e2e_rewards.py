@@ -4,7 +4,6 @@ process supervision, code execution), each a few steps on CPU, with their metric
 import json
 
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import run_cli

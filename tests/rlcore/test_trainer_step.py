@@ -4,6 +4,8 @@ engine's weights; a corrupted engine stops the run either way."""
 import pytest
 import torch
 
+import rlcore.sync
+
 from rlcore.config import freeze
 from rlcore.recipe import compose
 from rlcore.trainer import Trainer
@@ -47,7 +49,47 @@ def test_corrupted_engine_weights_stop_the_step(tmp_path, monkeypatch, minibatch
 
     monkeypatch.setattr(trainer.engine, "load_weights", corrupt_after_sync)
     try:
-        with pytest.raises(RuntimeError, match="weight sync check failed"):
+        with pytest.raises(RuntimeError, match="tensor 'model.layers.0.mlp.down_proj.weight' in the rollout engine"):
             trainer.rl_step()
     finally:
         trainer.close()
+
+
+def test_logprob_check_catches_what_checksums_cannot_see(tmp_path, monkeypatch):
+    """An engine whose checksums look right but samples from other weights (e.g. a stale copy behind
+    a correct one) is caught by the second check: its log-probs against the actor's."""
+    trainer = make_trainer(tmp_path)
+    monkeypatch.setattr(trainer.engine, "weight_checksums", lambda names: trainer._sent_checksums)
+    sync = trainer.engine.load_weights
+
+    def corrupt_after_sync(named):
+        sync(named)
+        with torch.no_grad():
+            trainer.engine.model.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+
+    real_stream = rlcore.sync.stream_weights
+
+    def keep_checksums(model, bucket_mb, stats):
+        yield from real_stream(model, bucket_mb, stats)
+        trainer._sent_checksums = dict(stats["checksums"])
+
+    monkeypatch.setattr(rlcore.sync, "stream_weights", keep_checksums)
+    monkeypatch.setattr(trainer.engine, "load_weights", corrupt_after_sync)
+    try:
+        with pytest.raises(RuntimeError, match="log-probs differ from the actor's"):
+            trainer.rl_step()
+    finally:
+        trainer.close()
+
+
+def test_sync_holds_at_most_one_bucket_of_full_tensors(tmp_path):
+    trainer = make_trainer(tmp_path, "rollout.sync_bucket_mb=1")
+    try:
+        stats = {"bytes": 0, "buckets": 0, "checksums": {}}
+        sizes = [p.numel() * p.element_size() for p in trainer.actor.model.parameters()]
+        names = [name for name, _ in rlcore.sync.stream_weights(trainer.actor.model, 1, stats)]
+    finally:
+        trainer.close()
+    assert stats["buckets"] >= 2 and stats["max_bucket_bytes"] <= max(2**20, max(sizes))
+    assert stats["bytes"] == sum(sizes)  # every parameter once (the tied embedding once)
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names

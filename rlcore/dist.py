@@ -1,0 +1,111 @@
+"""Processes: the SPMD launch, the process group, and the few collectives the RL step needs.
+
+`rlcore train ... trainer.nproc=N` re-runs itself under torchrun (`torch.distributed.run
+--standalone`), so a launch by hand with torchrun (multi-node included) and the built-in launch are
+the same code path. One rank per device: gloo on CPU, NCCL on CUDA. A single process needs no
+process group and every collective here is then a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run `rlcore <argv>` as nproc ranks under torchrun; returns its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "rlcore", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads_per_rank(nproc)))}
+    return subprocess.run(cmd, env=env).returncode
+
+
+def _threads_per_rank(nproc: int) -> int:
+    return max(1, (os.cpu_count() or 1) // nproc)
+
+
+def init(device: str) -> None:
+    """Join the process group when running as one of several ranks (under torchrun)."""
+    if world_size() == 1 or active():
+        return
+    if device == "cuda":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+
+
+def shutdown() -> None:
+    if active():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's value of obj on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In place over all ranks (sum or max); the tensor itself when alone."""
+    if active():
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """True when the flag is true on at least one rank (keeps loops of collectives in lockstep)."""
+    return bool(all_reduce(torch.tensor([float(flag)]), "max").item())
+
+
+# Metrics the ranks hold partial sums of (normalised by global counts): summed over ranks. Counts are
+# summed too. Everything else is a per-rank mean, or the same on every rank: averaged.
+_SUMMED = ("actor/pg_loss", "actor/entropy", "actor/kl", "actor/positive_nll", "actor/router_aux_loss",
+           "actor/clipfrac", "actor/clipfrac_lower", "actor/clipfrac_upper", "actor/approx_kl", "actor/ratio_mean",
+           "critic/value_loss", "critic/vf_clipfrac", "perf/generated_tokens")
+_COUNTS = ("/errors", "/timeouts", "/no_step_samples")
+
+
+def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The step's metrics over all ranks: partial sums and counts summed, the rest averaged over the
+    ranks that report the key."""
+    if not active():
+        return metrics
+    gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(gathered, metrics)
+    out: dict[str, float] = {}
+    for key in sorted({k for m in gathered for k in m}):
+        values = [float(m[key]) for m in gathered if key in m]
+        summed = key in _SUMMED or key.endswith(_COUNTS)
+        out[key] = sum(values) if summed else sum(values) / len(values)
+    return out
