@@ -81,6 +81,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, optimizer, sc
     if dist.is_main():
         model.config.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
+        if hasattr(model, "peft_config"):  # LoRA: the adapter's config, to rebuild the same module names
+            model.peft_config[model.active_adapter].save_pretrained(tmp / "model")
         if critic is not None:
             critic.model.config.save_pretrained(tmp / "critic")
         torch.save({"scheduler": scheduler.state_dict(),
@@ -134,13 +136,18 @@ def load_checkpoint(ckpt: Path, *, model, optimizer, scheduler, critic=None) -> 
 
 
 def load_checkpoint_model(ckpt: Path):
-    """The actor of a checkpoint as a plain Hugging Face model on CPU, in one process (for export)."""
+    """The actor of a checkpoint on CPU, in one process (for export): a Hugging Face model, or a
+    PeftModel when it was trained with LoRA adapters."""
     import torch.distributed.checkpoint as dcp
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(ckpt / "model", local_files_only=True)
     dtype = getattr(config, "dtype", None)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    if (ckpt / "model" / "adapter_config.json").is_file():
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig.from_pretrained(str(ckpt / "model")))
     state = {"model": model.state_dict()}
     with _one_process_ok():
         dcp.load(state, checkpoint_id=str(ckpt / "dcp"))
@@ -148,14 +155,18 @@ def load_checkpoint_model(ckpt: Path):
     return model
 
 
-def export_hf(model, tokenizer, out_dir: Path, *, atol: float | None = None) -> float:
+def export_hf(model, tokenizer, out_dir: Path, *, atol: float | None = None, lora_export: str = "merged") -> float:
     """Write a Hugging Face folder and check it: reload it and compare logits on a few tokens.
 
     Refuses to write into an existing non-empty folder. Returns the max |logit difference|.
     A sharded model is gathered to rank 0 (the other ranks hold no copy; rank 0 one full copy on CPU,
     assigned into a model skeleton without copying); only rank 0 writes, and all ranks get the diff.
+    A LoRA model is written merged (checked against the adapted model's own logits) or, with
+    lora_export="adapter", as the adapter alone (reloaded over the base weights for the check).
     """
     from transformers import AutoModelForCausalLM
+
+    from rlcore.lora import is_lora, merged_model
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -166,10 +177,16 @@ def export_hf(model, tokenizer, out_dir: Path, *, atol: float | None = None) -> 
     if dist.is_main():
         tmp = out_dir.with_name(f".tmp_{out_dir.name}_{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        adapted = model if is_lora(model) else None
+        if adapted is not None and lora_export == "merged":
+            model = merged_model(adapted)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype, local_files_only=True)
-        diff = _max_logit_diff(model, reloaded)
+        if adapted is not None and lora_export == "adapter":
+            reloaded = _reload_adapter(adapted, tmp)
+        else:
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype, local_files_only=True)
+        diff = _max_logit_diff(adapted if adapted is not None else model, reloaded)
         tol = atol if atol is not None else (1e-5 if model.dtype == torch.float32 else 1e-2)
         if not diff <= tol:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -178,6 +195,16 @@ def export_hf(model, tokenizer, out_dir: Path, *, atol: float | None = None) -> 
             out_dir.rmdir()
         os.replace(tmp, out_dir)
     return float(dist.all_reduce(torch.tensor([diff]), "max").item())
+
+
+def _reload_adapter(adapted, folder: Path):
+    """The saved adapter over a copy of the base weights (what a user does with the base checkpoint)."""
+    import copy
+
+    from peft import PeftModel
+
+    base = copy.deepcopy(adapted).unload()  # the base weights, adapters removed
+    return PeftModel.from_pretrained(base, folder)
 
 
 def _gather_to_main(model):

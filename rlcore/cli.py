@@ -111,7 +111,7 @@ def _train(cfg, path: Path, plan) -> int:
         finally:
             tracker.close()
         if cfg.trainer.export:
-            diff = export_hf(trainer.actor.model, trainer.tokenizer, run_dir / "hf")
+            diff = export_hf(trainer.actor.model, trainer.tokenizer, run_dir / "hf", lora_export=cfg.model.lora.export)
             summary |= {"export": str(run_dir / "hf"), "export_max_logit_diff": diff}
     finally:
         trainer.close()

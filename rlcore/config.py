@@ -75,6 +75,23 @@ class WarmstartConfig(_Node):
 
 
 @dataclass
+class LoraConfig(_Node):
+    rank: int = 0
+    """LoRA rank of the actor's adapters (peft); 0 = full fine-tuning. With adapters the reference is
+    the same model with them disabled, and the sync sends merged weights."""
+    alpha: float = 32.0
+    """LoRA scaling numerator: the update is (alpha / rank) B A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (0 keeps log-probs deterministic, which PPO ratios assume)."""
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"])
+    """Module names that get adapters (peft target_modules), or ["all-linear"]."""
+    export: str = "merged"
+    """The run's Hugging Face export: merged (base + adapters in one model) or adapter (the adapter
+    alone, for PeftModel.from_pretrained over the base)."""
+
+
+@dataclass
 class ModelConfig(_Node):
     path: Optional[str] = None
     """Local Hugging Face checkpoint folder (model and tokenizer). Unset: build the tiny model
@@ -85,6 +102,8 @@ class ModelConfig(_Node):
     """Allow custom modelling code shipped with the checkpoint. Off unless you trust it."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters instead of full fine-tuning (model.lora.rank > 0)."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of the built-in model, used only when model.path is unset."""
     warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)

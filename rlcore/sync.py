@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from rlcore.lora import is_lora, merged_state
 from rlcore.sharding import full_tensor
 from rollout.weight_names import checkpoint_tensors
 
@@ -22,7 +23,8 @@ MEAN_ABS_TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 
 
 def stream_weights(model, bucket_mb: int, stats: dict) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) in checkpoint format (rollout.weight_names: per-expert MoE tensors, the
-    names from_pretrained and vLLM load), gathered one bucket of at most bucket_mb at a time.
+    names from_pretrained and vLLM load), gathered one bucket of at most bucket_mb at a time. A LoRA
+    actor sends its merged weights (rlcore.lora.merged_state), computed tensor by tensor.
 
     A sharded (FSDP) actor all-gathers each bucket's tensors here, on every rank in the same order;
     the bucket is dropped before the next is gathered, so beyond the sharded model at most one bucket
@@ -32,7 +34,8 @@ def stream_weights(model, bucket_mb: int, stats: dict) -> Iterator[tuple[str, to
     """
     bucket_bytes, model_type = bucket_mb * 2**20, model.config.model_type
     bucket, size, seen = [], 0, set()
-    for name, param in model.state_dict(keep_vars=True).items():
+    named = merged_state(model) if is_lora(model) else model.state_dict(keep_vars=True).items()
+    for name, param in named:
         if id(param) in seen:
             continue
         seen.add(id(param))

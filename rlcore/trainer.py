@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import nullcontext
 import random
 import sys
 import time
@@ -31,6 +32,7 @@ from rlcore.config import RLConfig
 from rlcore.data import Prompts, PromptSampler
 from rlcore.evaluate import evaluate
 from rlcore.logprobs import ResponseScorer
+from rlcore.lora import apply_lora
 from rlcore.metrics import Timer, Tracker
 from rlcore.models import DTYPES
 from rlcore.recipe import ConfigError, to_yaml
@@ -48,8 +50,10 @@ class Trainer:
         self.tokenizer = build_tokenizer(cfg)
         self.train_prompts, self.eval_prompts = build_data(cfg, self.tokenizer)
         policy = build_policy(cfg, self.tokenizer, self.train_prompts, plan.device)
-        # The reference is the initial policy, frozen; kept only when a KL term needs it.
-        ref = _frozen(copy.deepcopy(policy)) if cfg.algo.kl.coef > 0 else None
+        lora = cfg.model.lora.rank > 0
+        # The reference is the initial policy, frozen; kept only when a KL term needs it (with LoRA it is
+        # the actor with its adapters disabled: no copy).
+        ref = _frozen(copy.deepcopy(policy)) if cfg.algo.kl.coef > 0 and not lora else None
         is_moe = bool(routers(policy))
         if cfg.algo.routing_replay and not is_moe:
             raise ConfigError("algo.routing_replay=true but the model has no MoE routers; set it false for dense "
@@ -62,6 +66,8 @@ class Trainer:
             **({"record_routing": True} if is_moe and cfg.rollout.engine == "hf" and cfg.rollout.mode != "paged"
                else {}))
         value_model = build_value(cfg, policy)  # from the whole policy, before it is sharded
+        if lora:
+            policy = apply_lora(policy, cfg.model.lora)
         # Scoring modules (the FSDP roots when sharded): the actor's and the reference's.
         scorer, self.ref = ResponseScorer(policy), None if ref is None else ResponseScorer(ref)
         if plan.world_size > 1:
@@ -113,9 +119,7 @@ class Trainer:
                 old_logprobs, moe_metrics = self.actor.logprobs(batch.prompt_ids, batch.response_ids, batch.mask,
                                                                 routing=batch.routing)
                 sync_metrics |= moe_metrics
-            ref_logprobs = None if self.ref is None else batched_logprobs(
-                self.ref, batch.prompt_ids, batch.response_ids, batch.mask, temperature=cfg.rollout.temperature,
-                pad_id=self.tokenizer.pad_token_id, max_tokens=cfg.train.max_tokens_per_microbatch)
+            ref_logprobs = self._ref_logprobs(batch) if cfg.algo.kl.coef > 0 else None
             if old_logprobs is not None:
                 sync_metrics |= verify_rollout_logprobs(batch, old_logprobs, cfg, self.tokenizer)
             is_weights, correction_metrics = self._rollout_correction(batch, old_logprobs)
@@ -183,6 +187,15 @@ class Trainer:
         if a.lam_critic is not None:  # VAPO decoupled GAE: the critic's own lambda for its targets
             _, returns = gae(rewards, values, mask, gamma=a.gamma, lam=a.lam_critic)
         return global_whiten(advantages, mask), returns, metrics
+
+    def _ref_logprobs(self, batch) -> torch.Tensor:
+        """The reference policy's log-probs: its own copy, or with LoRA the actor with adapters disabled."""
+        scorer, off = (self.ref, nullcontext()) if self.ref is not None else \
+            (self.actor.scorer, self.actor.model.disable_adapter())
+        with off:
+            return batched_logprobs(scorer, batch.prompt_ids, batch.response_ids, batch.mask,
+                                    temperature=self.cfg.rollout.temperature, pad_id=self.tokenizer.pad_token_id,
+                                    max_tokens=self.cfg.train.max_tokens_per_microbatch)
 
     def _sync(self) -> dict[str, float]:
         r = self.cfg.rollout

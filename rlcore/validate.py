@@ -127,6 +127,14 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
          f"trainer.nproc={tr.nproc} but this process is one of {world_size} ranks started by torchrun; "
          "leave trainer.nproc=1 under torchrun")
     one_of("trainer.sharding", tr.sharding, {"zero3", "zero2", "replicate"})
+    lo = m.lora
+    need(lo.rank >= 0 and lo.alpha > 0 and 0 <= lo.dropout < 1,
+         "model.lora.rank must be >= 0, model.lora.alpha > 0, model.lora.dropout in [0, 1)")
+    one_of("model.lora.export", lo.export, {"merged", "adapter"})
+    need(lo.rank == 0 or world_size == 1, "model.lora.rank > 0 with several ranks is not available yet; use "
+         "trainer.nproc=1 or full fine-tuning")
+    need(lo.rank == 0 or not m.gradient_checkpointing,
+         "model.gradient_checkpointing with LoRA is not wired yet; set one of them off")
     need(not tr.offload or tr.device != "cpu", "trainer.offload=true moves GPU memory to the CPU; on CPU set it false")
     if world_size > 1:
         need(a.estimator != "reinforce_pp",

@@ -4,6 +4,7 @@ engine's weights; a corrupted engine stops the run either way."""
 import pytest
 import torch
 
+import rlcore.lora
 import rlcore.sync
 
 from rlcore.config import freeze
@@ -93,3 +94,23 @@ def test_sync_holds_at_most_one_bucket_of_full_tensors(tmp_path):
     assert stats["buckets"] >= 2 and stats["max_bucket_bytes"] <= max(2**20, max(sizes))
     assert stats["bytes"] == sum(sizes)  # every parameter once (the tied embedding once)
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+
+
+def test_lora_actor_syncs_merged_weights_into_the_engine(tmp_path):
+    trainer = make_trainer(tmp_path, "model.lora.rank=4", "algo.kl.coef=0.01")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # non-zero adapters, so merged != base
+        for name, p in trainer.actor.model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    try:
+        metrics = trainer.rl_step()
+        merged = dict(rlcore.lora.merged_state(trainer.actor.model))
+        engine = trainer.engine.model.state_dict()
+    finally:
+        trainer.close()
+    assert trainer.ref is None  # the reference is the actor with adapters off, not a copy
+    assert metrics["sync/max_checksum_error"] == 0.0 and metrics["sync/mean_logprob_diff"] < 1e-4
+    assert "actor/kl" in metrics
+    # the engine holds the merged weights the actor had when it synced (before this step's update)
+    assert set(merged) <= set(engine)
