@@ -21,23 +21,59 @@ CONSOLE_KEYS = [
 
 
 class Timer:
-    """Named phase timers; each phase becomes the metric timing/<name>."""
+    """Named phase timers and peak memory: each phase becomes timing/<name> (seconds) and
+    perf/peak_mem_<name> (GiB): on CUDA the allocator's peak during the phase (torch.cuda
+    max_memory_allocated, reset at the phase start); on CPU the process's resident-set high-water
+    mark during the phase (Linux VmHWM, reset through /proc/self/clear_refs; absent elsewhere)."""
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
+        self.device = device
         self.seconds: dict[str, float] = {}
+        self.peaks: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str):
+        _reset_peak(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            peak = _peak_bytes(self.device)
+            if peak is not None:
+                self.peaks[name] = max(self.peaks.get(name, 0.0), peak / 2**30)
 
     def pop(self) -> dict[str, float]:
         out = {f"timing/{k}": v for k, v in self.seconds.items()}
-        self.seconds = {}
+        out |= {f"perf/peak_mem_{k}": v for k, v in self.peaks.items()}
+        self.seconds, self.peaks = {}, {}
         return out
+
+
+def _reset_peak(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_bytes(device: str) -> float | None:
+    import torch
+
+    if device == "cuda":
+        return float(torch.cuda.max_memory_allocated())
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class Tracker:

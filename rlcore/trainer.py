@@ -91,7 +91,7 @@ class Trainer:
         self.sampling = SamplingParams(n=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
                                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                        stop_token_ids=tuple(stop_token_ids(self.tokenizer, r.stop)))
-        self.timer = Timer()
+        self.timer = Timer(plan.device)
         self.step, self.eval_before = 0, None
         self.kl_coef = cfg.algo.kl.coef  # the KL-in-reward coefficient; adapted when algo.kl.target is set
 

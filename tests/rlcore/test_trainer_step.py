@@ -114,3 +114,19 @@ def test_lora_actor_syncs_merged_weights_into_the_engine(tmp_path):
     assert "actor/kl" in metrics
     # the engine holds the merged weights the actor had when it synced (before this step's update)
     assert set(merged) <= set(engine)
+
+
+def test_timer_records_peak_memory_per_phase():
+    from rlcore.metrics import Timer
+
+    timer = Timer("cpu")
+    with timer("small"):
+        torch.zeros(1000).sum()
+    with timer("big"):
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
+        x.sum()
+        del x
+    out = timer.pop()
+    assert set(out) >= {"timing/small", "timing/big"}
+    if "perf/peak_mem_big" in out:  # Linux: the resident-set high-water mark of the phase
+        assert out["perf/peak_mem_big"] >= out["perf/peak_mem_small"] + 0.05
