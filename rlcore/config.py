@@ -159,6 +159,12 @@ class RolloutConfig(_Node):
     """Generation backend (see `rlcore ls`)."""
     mode: str = "auto"
     """hf engine only: generate (padded), paged (continuous batching) or auto (measured faster)."""
+    gpu_memory_utilization: float = 0.5
+    """vllm engine only: fraction of the GPU's memory vLLM takes for weights and KV cache; the rest
+    is the trainer's."""
+    sleep_level: int = 1
+    """vllm engine only: while training, 1 offloads the engine's weights to CPU memory, 2 discards
+    them (the sync refills them after every wake); the KV cache is freed either way."""
     dtype: Optional[str] = None
     """The engine's weight dtype (float32, bfloat16, float16); unset = model.dtype. bfloat16 with an
     fp32 actor samples the way a bf16 inference engine does (the sync casts)."""

@@ -64,7 +64,8 @@ class Trainer:
             pad_token_id=self.tokenizer.pad_token_id, mode=cfg.rollout.mode,
             # the hf engine records MoE routing for replay and for moe/routing_mismatch
             **({"record_routing": True} if is_moe and cfg.rollout.engine == "hf" and cfg.rollout.mode != "paged"
-               else {}))
+               else {}),
+            **(vllm_options(cfg) if cfg.rollout.engine == "vllm" else {}))
         value_model = build_value(cfg, policy)  # from the whole policy, before it is sharded
         if lora:
             policy = apply_lora(policy, cfg.model.lora)
@@ -284,6 +285,12 @@ class Trainer:
 
     def close(self) -> None:
         self.reward_fn.close()
+
+
+def vllm_options(cfg: RLConfig) -> dict:
+    r = cfg.rollout
+    return {"max_model_len": cfg.data.max_prompt_tokens + r.max_new_tokens, "seed": cfg.trainer.seed,
+            "gpu_memory_utilization": r.gpu_memory_utilization, "sleep_level": r.sleep_level}
 
 
 def seed_everything(seed: int) -> None:

@@ -67,6 +67,10 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
     # --- rollout
     one_of("rollout.engine", r.engine, ENGINES)
     one_of("rollout.mode", r.mode, {"auto", "generate", "paged"})
+    need(r.engine != "vllm" or (tr.device != "cpu" and torch.cuda.is_available()),
+         "rollout.engine=vllm needs an NVIDIA GPU; use rollout.engine=hf on CPU")
+    need(0 < r.gpu_memory_utilization < 1 and r.sleep_level in (1, 2),
+         "rollout.gpu_memory_utilization must be in (0, 1) and rollout.sleep_level 1 or 2")
     if r.dtype is not None:
         one_of("rollout.dtype", r.dtype, DTYPES)
     need(not a.routing_replay or (r.engine == "hf" and r.mode != "paged"),

@@ -9,5 +9,6 @@ This package never imports the trainer (``rlcore``).
 
 from .base import ENGINES, Engine, Sample, SamplingParams, get_engine, register
 from .hf import HFEngine
+from .vllm_engine import VLLMEngine  # imports vllm only when an engine is built
 
-__all__ = ["ENGINES", "Engine", "HFEngine", "Sample", "SamplingParams", "get_engine", "register"]
+__all__ = ["ENGINES", "Engine", "HFEngine", "Sample", "SamplingParams", "VLLMEngine", "get_engine", "register"]
