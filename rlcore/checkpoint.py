@@ -184,9 +184,16 @@ def export_hf(model, tokenizer, out_dir: Path, *, atol: float | None = None, lor
         tokenizer.save_pretrained(tmp)
         if adapted is not None and lora_export == "adapter":
             reloaded = _reload_adapter(adapted, tmp)
+            diff = _max_logit_diff(adapted, reloaded)
         else:
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype, local_files_only=True)
-        diff = _max_logit_diff(adapted if adapted is not None else model, reloaded)
+            diff = _max_logit_diff(model, reloaded)  # the file against what was written: exact
+            if adapted is not None:  # merged W + sBA against x W + s (x A) B: equal up to fp rounding
+                merge = _max_logit_diff(adapted, reloaded)
+                if not merge <= 1e-3:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise RuntimeError(f"export check failed: merged LoRA logits differ from the adapted model's "
+                                       f"by {merge:.3g} (> 1e-3)")
         tol = atol if atol is not None else (1e-5 if model.dtype == torch.float32 else 1e-2)
         if not diff <= tol:
             shutil.rmtree(tmp, ignore_errors=True)
