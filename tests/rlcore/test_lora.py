@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from conftest import run_cli
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -93,8 +94,6 @@ def test_checkpoint_round_trip_and_export_from_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_lora_recipe_runs_through_the_cli_and_exports_merged(tmp_path):
-    from conftest import run_cli
-
     run = tmp_path / "run"
     run_cli("train", "grpo_lora_arith", "model.warmstart.steps=0", "train.prompts_per_step=4",
             "rollout.samples_per_prompt=4", "rollout.max_new_tokens=6", "data.task.num_train=64",
