@@ -1,6 +1,8 @@
 """`rlcore train | ls | export`: the command line.
 
     rlcore train [RECIPE|PATH] [key=value ...]   no recipe: the quickstart
+    rlcore plan [RECIPE|PATH] [key=value ...] [--device-gb N]
+                                                 memory per rank and phase, before anything loads
     rlcore ls                                    recipes, algorithms, rewards, engines, tasks
     rlcore export RUN_OR_CHECKPOINT OUT          a Hugging Face folder, checked by reloading
 """
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "train":
             return train(rest)
+        if command == "plan":
+            return plan(rest)
         if command == "ls":
             return ls()
         if command == "export":
@@ -119,6 +123,24 @@ def _train(cfg, path: Path, plan) -> int:
     if main:
         write_summary(run_dir, summary)
         _print_summary(summary, run_dir)
+    return 0
+
+
+def plan(args: list[str]) -> int:
+    """Print the pre-flight memory plan of a recipe (rlcore.plan): per rank and phase, and whether it
+    fits --device-gb, with the key to turn first when it does not."""
+    device_gb = None
+    if "--device-gb" in args:
+        i = args.index("--device-gb")
+        if i + 1 >= len(args):
+            raise ConfigError("--device-gb needs a number of GiB, e.g. --device-gb 80")
+        device_gb, args = float(args[i + 1]), args[:i] + args[i + 2:]
+    recipe = args[0] if args and "=" not in args[0] else None
+    cfg, _ = compose(recipe, args[1:] if recipe else args)
+    from rlcore.plan import estimate
+
+    memory = estimate(cfg)
+    print(memory.render(None if device_gb is None else int(device_gb * 2**30)))
     return 0
 
 
