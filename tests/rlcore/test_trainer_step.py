@@ -6,7 +6,7 @@ import torch
 
 import rlcore.lora
 import rlcore.sync
-
+from conftest import REPO
 from rlcore.config import freeze
 from rlcore.recipe import compose
 from rlcore.trainer import Trainer
@@ -117,16 +117,26 @@ def test_lora_actor_syncs_merged_weights_into_the_engine(tmp_path):
 
 
 def test_timer_records_peak_memory_per_phase():
-    from rlcore.metrics import Timer
+    """In a fresh process: in a long-lived one (pytest) a new tensor may reuse freed resident pages
+    and leave the resident-set high-water mark where it was."""
+    import json
+    import subprocess
+    import sys
 
-    timer = Timer("cpu")
-    with timer("small"):
-        torch.zeros(1000).sum()
-    with timer("big"):
-        x = torch.ones(64 * 2**20 // 4)  # 64 MiB touched
-        x.sum()
-        del x
-    out = timer.pop()
+    code = """
+import json, torch
+from rlcore.metrics import Timer
+timer = Timer("cpu")
+with timer("small"):
+    torch.zeros(1000).sum()
+with timer("big"):
+    x = torch.ones(256 * 2**20 // 4)  # 256 MiB touched
+    x.sum()
+    del x
+print(json.dumps(timer.pop()))
+"""
+    out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    cwd=str(REPO)).stdout)
     assert set(out) >= {"timing/small", "timing/big"}
     if "perf/peak_mem_big" in out:  # Linux: the resident-set high-water mark of the phase
-        assert out["perf/peak_mem_big"] >= out["perf/peak_mem_small"] + 0.05
+        assert out["perf/peak_mem_big"] >= out["perf/peak_mem_small"] + 0.2
