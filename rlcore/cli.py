@@ -70,9 +70,12 @@ def train(args: list[str]) -> int:
     freeze(cfg)
     dist.init(plan.device)
     try:
-        return _train(cfg, path, plan)
-    finally:
-        dist.shutdown()
+        code = _train(cfg, path, plan)
+    except BaseException:
+        dist.shutdown(clean=False)  # the other ranks may be inside a collective: no barrier
+        raise
+    dist.shutdown()
+    return code
 
 
 def _train(cfg, path: Path, plan) -> int:
