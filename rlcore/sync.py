@@ -15,6 +15,7 @@ import torch
 
 from rlcore.lora import is_lora, merged_state
 from rlcore.sharding import full_tensor
+from rollout.base import checksum
 from rollout.weight_names import checkpoint_tensors
 
 # Mean |engine - actor| log-prob allowed per dtype: fp32 kernels agree to ~1e-6, bf16 to ~1e-2.
@@ -58,12 +59,6 @@ def _send(bucket: list, size: int, model_type: str, stats: dict) -> Iterator[tup
         for ckpt_name, view in checkpoint_tensors(name, tensor, model_type):
             stats["checksums"][ckpt_name] = checksum(view)
             yield ckpt_name, view
-
-
-def checksum(t: torch.Tensor) -> tuple[float, float]:
-    """(sum, sum of |x|) in float64: cheap, and a scaled, zeroed or stale tensor changes the pair."""
-    t = t.detach().double()
-    return float(t.sum()), float(t.abs().sum())
 
 
 def sync_weights(model, engine, *, bucket_mb: int, verify: bool = True, dtype: torch.dtype | None = None

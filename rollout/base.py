@@ -94,6 +94,43 @@ class Engine(Protocol):
         ...
 
 
+def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+    """Every prompt has at least one token, each inside the vocabulary; names the first bad prompt."""
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if min(prompt) < 0 or max(prompt) >= vocab_size:
+            raise ValueError(f"prompt {i} has a token id outside [0, {vocab_size})")
+
+
+def stop_ids(eos_token_ids, sampling: SamplingParams) -> list[int]:
+    """The eos ids, then the sampling's stop ids, each once, in that order."""
+    return list(dict.fromkeys([*eos_token_ids, *sampling.stop_token_ids]))
+
+
+CHECKSUM_ROWS_ELEMENTS = 1 << 24
+"""Elements per checksum chunk: float64 temporaries of 128 MiB, never 8 bytes x the largest tensor
+(a 7B model's embedding would need 4.4 GiB, twice: the sum and the sum of |x|)."""
+
+
+@torch.no_grad()
+def checksum(t: torch.Tensor) -> tuple[float, float]:
+    """(sum, sum of |x|) in float64, a chunk of rows at a time (views welcome: no full copy).
+
+    Cheap, and a scaled, zeroed or stale tensor changes the pair; the sync compares the engine's
+    pair with the one of the tensor it sent."""
+    t = t.detach().reshape(1) if t.dim() == 0 else t.detach()
+    if t.numel() == 0:
+        return 0.0, 0.0
+    rows = max(1, CHECKSUM_ROWS_ELEMENTS // t[0].numel())
+    total = absolute = 0.0
+    for part in t.split(rows):
+        part = part.double()
+        total += float(part.sum())
+        absolute += float(part.abs().sum())
+    return total, absolute
+
+
 ENGINES: dict[str, type] = {}
 """Engine backends by name (the value of rollout.engine in a recipe)."""
 

@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from transformers import GenerationConfig
 
-from .base import Sample, SamplingParams, register
+from .base import Sample, SamplingParams, check_prompts, checksum, register, stop_ids
 from .hf_paged import generate_paged
 from .hf_padded import generate_padded
 from .routing import routers
@@ -97,22 +97,18 @@ class HFEngine:
             raise RuntimeError("HFEngine.generate called while asleep: call wake() first")
         if not prompts:
             return []
-        for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            if min(prompt) < 0 or max(prompt) >= self._vocab_size:
-                raise ValueError(f"prompt {i} has a token id outside [0, {self._vocab_size})")
-        stop_ids = list(dict.fromkeys([*self.eos_token_ids, *sampling.stop_token_ids]))  # dedup, keep order
+        check_prompts(prompts, self._vocab_size)
+        stops = stop_ids(self.eos_token_ids, sampling)
         run = generate_paged
         if self.mode == "generate":
             run = partial(generate_padded, record_routing=self.record_routing)
         if sampling.is_greedy and sampling.n > 1:
             # The n greedy samples are identical: decode once (transformers also refuses greedy with
             # num_return_sequences > 1) and hand out n independent copies.
-            once = run(self.model, prompts, replace(sampling, n=1), stop_ids=stop_ids, pad_token_id=self.pad_token_id)
+            once = run(self.model, prompts, replace(sampling, n=1), stop_ids=stops, pad_token_id=self.pad_token_id)
             return [[replace(s, token_ids=list(s.token_ids), logprobs=list(s.logprobs)) for s in g * sampling.n]
                     for g in once]
-        return run(self.model, prompts, sampling, stop_ids=stop_ids, pad_token_id=self.pad_token_id)
+        return run(self.model, prompts, sampling, stop_ids=stops, pad_token_id=self.pad_token_id)
 
     # --- weight sync --------------------------------------------------------------------------------
 
@@ -161,11 +157,7 @@ class HFEngine:
     def weight_checksums(self, names: list[str]) -> dict[str, tuple[float, float]]:
         """(sum, sum of |x|) in float64 of the engine's tensors under these names (the sync check)."""
         targets = self._targets()
-        out = {}
-        for name in names:
-            t = targets[name].detach().double()
-            out[name] = (float(t.sum()), float(t.abs().sum()))
-        return out
+        return {name: checksum(targets[name]) for name in names}
 
     # --- memory -------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from .base import Sample, SamplingParams, register
+from .base import Sample, SamplingParams, check_prompts, checksum, register, stop_ids
 from .hf import MODES
 from .routing import ROUTING_DTYPE, router_layers
 from .weight_names import checkpoint_state
@@ -130,24 +130,20 @@ class VLLMEngine:
             raise RuntimeError("VLLMEngine.generate called while asleep: call wake() (and load_weights) first")
         if not prompts:
             return []
-        for i, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
-            if min(prompt) < 0 or max(prompt) >= self._vocab_size:
-                raise ValueError(f"prompt {i} has a token id outside [0, {self._vocab_size})")
+        check_prompts(prompts, self._vocab_size)
         self._wake("kv_cache")  # after the weight sync: the KV pool is mapped only now (spec §2)
-        stop_ids = list(dict.fromkeys([*self.eos_token_ids, *sampling.stop_token_ids]))
+        stops = stop_ids(self.eos_token_ids, sampling)
         # vLLM refuses greedy with n > 1 (SamplingParams._verify_greedy_sampling): decode once, copy n times.
         n = 1 if sampling.is_greedy else sampling.n
         params = VLLMSamplingParams(
             n=n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k,  # 0 = off in both
-            stop_token_ids=stop_ids,  # kept in token_ids: no tokenizer (v1/engine/detokenizer.py)
+            stop_token_ids=stops,  # kept in token_ids: no tokenizer (v1/engine/detokenizer.py)
             logprobs=0,  # only the sampled token's log-prob (v1/engine/logprobs.py: the sampler puts it first)
             detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts],
                                     params, use_tqdm=False)  # in prompt order (entrypoints/offline_utils.py)
-        stop_set = set(stop_ids)
+        stop_set = set(stops)
         result = []
         for prompt, out in zip(prompts, outputs):
             group = [self._sample(prompt, c, stop_set) for c in out.outputs]
@@ -278,8 +274,7 @@ def _checksums(model: torch.nn.Module, wanted: dict[str, tuple[int, ...]], vocab
         if t is None or t.dim() != len(shape) or (tuple(t.shape) != shape and not (
                 shape[0] == vocab and tuple(t.shape[1:]) == shape[1:] and t.shape[0] > vocab)):
             continue
-        t = (t[:vocab] if tuple(t.shape) != shape else t).detach().double()
-        out[name] = (float(t.sum()), float(t.abs().sum()))
+        out[name] = checksum(t[:vocab] if tuple(t.shape) != shape else t)
     return out
 
 

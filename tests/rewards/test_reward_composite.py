@@ -65,8 +65,8 @@ def test_errors_and_timeouts_are_counted_and_pool_recovers(user_file):
         result = reward(["p"] * 6, responses, rows)
         assert time.monotonic() - start < 5.0  # the hung sample costs one timeout, not a hang
         assert result.components["user_reward.flaky"] == [0.25, 0.0, 0.0, 0.0, 0.0, 0.0]
-        assert result.metrics[f"reward/user_reward.flaky/timeouts"] == 1.0
-        assert result.metrics[f"reward/user_reward.flaky/errors"] == 4.0  # boom, crash, nan, unpicklable row
+        assert result.metrics["reward/user_reward.flaky/timeouts"] == 1.0
+        assert result.metrics["reward/user_reward.flaky/errors"] == 4.0  # boom, crash, nan, unpicklable row
         assert result.components["exact"] == [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
         assert result.metrics["reward/exact/errors"] == 1.0  # the unpicklable row
         assert result.scores[0] == 1.25
@@ -74,7 +74,7 @@ def test_errors_and_timeouts_are_counted_and_pool_recovers(user_file):
         # Killed and crashed workers were replaced: the next batch scores normally.
         result = reward(["p"] * 4, ["ok"] * 4, [{"answer": "ok"}] * 4)
         assert result.scores == [1.25] * 4
-        assert result.metrics[f"reward/user_reward.flaky/timeouts"] == 0.0
+        assert result.metrics["reward/user_reward.flaky/timeouts"] == 0.0
 
 
 def test_math_from_non_main_thread():

@@ -1,7 +1,9 @@
-"""SamplingParams validation and the ENGINES registry."""
+"""SamplingParams validation, the ENGINES registry, prompt checks and tensor checksums."""
 
 import pytest
+import torch
 
+from rollout import base
 from rollout import ENGINES, HFEngine, SamplingParams, get_engine, register
 
 
@@ -34,3 +36,25 @@ def test_registry_has_hf_and_rejects_duplicates():
 def test_unknown_mode_rejected(tiny_model):
     with pytest.raises(ValueError, match="unknown HFEngine mode 'fast'"):
         HFEngine(tiny_model(), eos_token_ids=[0], pad_token_id=0, mode="fast")
+
+
+def test_checksum_in_chunks_equals_the_whole_tensor_sum(monkeypatch):
+    """Chunked float64 sums equal the one-shot ones (to float64 rounding) for a tensor many chunks
+    long, a non-contiguous view, a bf16 tensor, a scalar and an empty tensor."""
+    monkeypatch.setattr(base, "CHECKSUM_ROWS_ELEMENTS", 100)  # 7 rows of 37 per chunk below
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 37, generator=g)
+    for t in (x, x.t()[:, 3:900], x.bfloat16(), torch.tensor(-2.5), torch.empty(0, 4)):
+        whole = t.double()
+        total, absolute = base.checksum(t)
+        assert total == pytest.approx(float(whole.sum()), rel=1e-12, abs=1e-9)
+        assert absolute == pytest.approx(float(whole.abs().sum()), rel=1e-12, abs=1e-9)
+    assert base.checksum(x * 1.001)[1] != pytest.approx(base.checksum(x)[1], rel=1e-6)
+
+
+def test_check_prompts_names_the_bad_prompt():
+    base.check_prompts([[1, 2], [3]], vocab_size=4)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        base.check_prompts([[1], []], vocab_size=4)
+    with pytest.raises(ValueError, match=r"prompt 0 has a token id outside \[0, 4\)"):
+        base.check_prompts([[4]], vocab_size=4)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from rlcore.models import char_tokenizer, tiny_model
-from rlcore.sync import MEAN_ABS_TOLERANCE, checksum, sync_weights
+from rlcore.sync import MEAN_ABS_TOLERANCE, sync_weights
+from rollout.base import checksum
 from rollout import ENGINES, SamplingParams
 from rollout.weight_names import checkpoint_state
 
