@@ -132,12 +132,17 @@ def _train(cfg, path: Path, plan) -> int:
 def plan(args: list[str]) -> int:
     """Print the pre-flight memory plan of a recipe (rlcore.plan): per rank and phase, and whether it
     fits --device-gb, with the key to turn first when it does not."""
-    device_gb = None
-    if "--device-gb" in args:
-        i = args.index("--device-gb")
-        if i + 1 >= len(args):
-            raise ConfigError("--device-gb needs a number of GiB, e.g. --device-gb 80")
-        device_gb, args = float(args[i + 1]), args[:i] + args[i + 2:]
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__.strip())
+        return 0
+    device_gb, rest = None, []
+    for i, a in enumerate(args):
+        if a == "--device-gb" or a.startswith("--device-gb="):
+            value = a.partition("=")[2] if "=" in a else (args[i + 1] if i + 1 < len(args) else "")
+            device_gb = _gib(value)
+        elif not (i > 0 and args[i - 1] == "--device-gb"):
+            rest.append(a)
+    args = rest
     recipe = args[0] if args and "=" not in args[0] else None
     cfg, _ = compose(recipe, args[1:] if recipe else args)
     from rlcore.plan import estimate
@@ -145,6 +150,16 @@ def plan(args: list[str]) -> int:
     memory = estimate(cfg)
     print(memory.render(None if device_gb is None else int(device_gb * 2**30)))
     return 0
+
+
+def _gib(value: str) -> float:
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = 0.0
+    if not gib > 0:
+        raise ConfigError(f"--device-gb needs a positive number of GiB, e.g. --device-gb 80 (got {value!r})")
+    return gib
 
 
 def _resume_point(resume: str, run_dir: Path) -> Path | None:

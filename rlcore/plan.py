@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from rlcore.logprobs import HEAD_CHUNK_TOKENS
+from rollout.base import CHECKSUM_ROWS_ELEMENTS
 
 GiB = 2**30
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -150,7 +151,8 @@ def _plan(c, s: Shape, W: int, device: str, P: int) -> "MemoryPlan":
     decode = rows * V * (4 * DECODE_COPIES + be)  # one step's (rows x V) logits, raw and fp32
     prefill = rows * P * be * (5 * s.hidden + 3 * s.mlp)  # generate prefills every row at once, layer by layer
     bucket = max(r.sync_bucket_mb * 2**20, s.largest * bp) if W > 1 else 0  # one bucket of full tensors
-    checksum = 2 * 8 * s.largest_2d  # rlcore.sync checksums each sent tensor: it as float64, and its abs()
+    # rlcore.sync checksums each sent tensor a chunk of rows at a time: the chunk as float64, and its abs()
+    checksum = 2 * 8 * min(s.largest_2d, CHECKSUM_ROWS_ELEMENTS)
     kept = 1 + 2 * (c.algo.entropy_coef != 0)  # (tokens x V) fp32 tensors the head keeps for backward
 
     def fwd_bwd(n: int) -> dict:  # one micro-batch of n rows at its peak: the head's backward
@@ -212,21 +214,20 @@ class MemoryPlan:
         ranks = f"{W} ranks ({c.trainer.sharding}{', offload' if c.trainer.offload else ''})" if W > 1 else "1 rank"
         lines = [f"memory per rank: {s.params / 1e6:,.1f}M parameters ({c.model.dtype}), {ranks}, {self.device}; "
                  f"prompts <= {self.prompt_tokens} + {c.rollout.max_new_tokens} new tokens"]
-        unit, size = ("GiB", GiB) if peak >= GiB else ("MiB", 2**20)
         for phase, parts in self.phases.items():
-            lines += [f"\n{phase}{'  <- peak' if phase == self.peak_phase else ''}", f"  {'component':<30}{unit:>9}"]
-            lines += [f"  {k:<30}{v / size:>9.2f}" for k, v in [*parts.items(), ("total", self.total(phase))]]
-        lines.append(f"\npeak: {self.peak_phase}, {peak / GiB:.2f} GiB per rank")
+            lines += [f"\n{phase}{'  <- peak' if phase == self.peak_phase else ''}", f"  {'component':<30}{'size':>11}"]
+            lines += [f"  {k:<30}{size(v):>11}" for k, v in [*parts.items(), ("total", self.total(phase))]]
+        lines.append(f"\npeak: {self.peak_phase}, {size(peak)} per rank")
         if device_bytes is not None and peak <= device_bytes:
-            lines.append(f"fits in {device_bytes / GiB:.1f} GiB ({peak / device_bytes:.0%}; leave room for the CUDA "
+            lines.append(f"fits in {size(device_bytes)} ({peak / device_bytes:.0%}; leave room for the CUDA "
                          "context and allocator fragmentation)")
         elif device_bytes is not None:
-            lines.append(f"does not fit in {device_bytes / GiB:.1f} GiB (short by {(peak - device_bytes) / GiB:.2f} GiB)")
+            lines.append(f"does not fit in {size(device_bytes)} (short by {size(peak - device_bytes)})")
             options = self.options(device_bytes)
             for i, (key, value, why, new) in enumerate(options):
                 shown = str(value).lower() if isinstance(value, bool) else value
                 lines.append(f"  {'or:        ' if i else 'turn first:'} {key}={shown}  ({why}; peak -> "
-                             f"{new / GiB:.2f} GiB{', fits' if new <= device_bytes else ''})")
+                             f"{size(new)}{', fits' if new <= device_bytes else ''})")
             lines += [] if options else ["  no single config key helps: use more or larger devices"]
         return "\n".join(lines)
 
@@ -246,9 +247,17 @@ class MemoryPlan:
                 new = _plan(_with(c, key, value), self.shape, value if key == "trainer.nproc" else W, self.device,
                             self.prompt_tokens).peak_bytes
                 if new < self.peak_bytes:
-                    out.append((key, value, f"{comp} {parts[comp] / GiB:.2f} GiB", new))
+                    out.append((key, value, f"{comp} {size(parts[comp])}", new))
         return sorted(out, key=lambda o: (o[3] > device_bytes, o[0] == "trainer.nproc",
                                           o[3] if o[3] > device_bytes else 0))[:4]
+
+
+def size(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 (GiB at most): 3.31 GiB, 1.52 MiB."""
+    for unit, scale in (("GiB", GiB), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
 
 
 def _knobs(comp: str, c, W: int, device: str) -> list[tuple[str, object]]:
