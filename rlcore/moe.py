@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rollout.routing import router_layers, routers, unpack_router_output
+from rollout.routing import RouterHooks, router_layers, unpack_router_output
 
 
 def topk_weights(router: nn.Module, logits: Tensor, indices: Tensor, dtype: torch.dtype) -> Tensor:
@@ -54,7 +54,7 @@ def forced_layout(prompt_ids: list[list[int]], lengths: list[int], routing: list
     return out.permute(2, 0, 1, 3).reshape(layers, len(routing) * width, k)
 
 
-class RouterPass:
+class RouterPass(RouterHooks):
     """Hooks on every router for the forward passes inside `with`: replays recorded routing (if
     `replay`), compares it with the model's own choice, counts expert load and collects the aux loss.
 
@@ -64,23 +64,13 @@ class RouterPass:
     """
 
     def __init__(self, model: nn.Module, valid: Tensor, forced: Tensor | None, *, replay: bool, aux: bool):
-        self.routers = routers(model)
+        super().__init__(model)
         self.ordinal = {id(r): i for i, r in enumerate(self.routers)}  # index into the routing record
         self.layer_number = router_layers(model)  # decoder layer of each router, for metric names
         self.valid, self.forced, self.replay, self.aux = valid, forced, replay, aux
         self.counts: dict[int, Tensor] = {}  # decoder layer -> (E,) tokens routed to each expert
         self.mismatch: dict[int, tuple[float, float]] = {}  # layer -> (differing, compared) tokens
         self.aux_terms: dict[int, Tensor] = {}
-        self._handles = []
-
-    def __enter__(self) -> "RouterPass":
-        self._handles = [r.register_forward_hook(self._hook) for r in self.routers]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
 
     def _hook(self, module, inputs, output):
         logits, weights, idx = unpack_router_output(module, output)

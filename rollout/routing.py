@@ -45,20 +45,15 @@ def unpack_router_output(module: nn.Module, output) -> tuple[torch.Tensor, torch
     return output
 
 
-class RoutingRecorder:
-    """Records the routers' expert ids during one padded ``model.generate`` call.
-
-    The first forward is the prefill over the (R, L) left-padded prompts; each later one decodes one
-    token per row. ``samples(prompt_lengths, lengths)`` then cuts out each sample's record.
-    """
+class RouterHooks:
+    """`with` block that holds a forward hook, ``self._hook(module, inputs, output)``, on every router
+    of the model (a hook returning a value replaces the router's output)."""
 
     def __init__(self, model: nn.Module):
         self.routers = routers(model)
-        self.layer = {id(r): i for i, r in enumerate(self.routers)}
-        self.calls: list[list[torch.Tensor]] = [[] for _ in self.routers]  # per layer, per forward: (N, k)
         self._handles = []
 
-    def __enter__(self) -> "RoutingRecorder":
+    def __enter__(self):
         self._handles = [r.register_forward_hook(self._hook) for r in self.routers]
         return self
 
@@ -66,6 +61,22 @@ class RoutingRecorder:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+    def _hook(self, module, inputs, output):
+        raise NotImplementedError
+
+
+class RoutingRecorder(RouterHooks):
+    """Records the routers' expert ids during one padded ``model.generate`` call.
+
+    The first forward is the prefill over the (R, L) left-padded prompts; each later one decodes one
+    token per row. ``samples(prompt_lengths, lengths)`` then cuts out each sample's record.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model)
+        self.layer = {id(r): i for i, r in enumerate(self.routers)}
+        self.calls: list[list[torch.Tensor]] = [[] for _ in self.routers]  # per layer, per forward: (N, k)
 
     def _hook(self, module, inputs, output) -> None:
         _, _, idx = unpack_router_output(module, output)
