@@ -25,6 +25,13 @@ each printing JSON lines:
   kv_cache           no trainer: the hf engine's generate with transformers' dynamic KV cache (as is) vs
                      cache_implementation="static", alternating.
   threads            A/B, alternating steps: torch.set_num_threads(1) vs (2).
+  reward_overlap     A/B, alternating steps, on the workload with the KL reference (algo.kl.coef=0.04) and
+                     2 reward workers: the rewards scored in the workers while the reference forward runs
+                     (the default) vs before it (collect() waiting for them). Two rewards: the sandboxed
+                     `code` reward (answers as print(...) programs; CPU-bound: an interpreter per sample)
+                     and bench/latency_reward.py (exact match after a 20 ms wait: a remote verifier or
+                     judge). Reports the step, the reward wait and the workers' own wall time
+                     (perf/reward_seconds).
 
 A/B variants run interleaved (the order rotates every step) so load on the shared CPU hits each alike;
 medians over --steps measured steps after --warmup.
@@ -53,7 +60,7 @@ from rlcore.metrics import Timer  # noqa: E402
 from rlcore.models import char_tokenizer, tiny_model  # noqa: E402
 
 EXPERIMENTS = ("profile", "generate_overhead", "old_logprobs", "attention", "microbatch", "split_control",
-               "entropy_graph", "kv_cache", "threads")
+               "entropy_graph", "kv_cache", "threads", "reward_overlap")
 
 
 def emit(record: dict) -> None:
@@ -312,6 +319,52 @@ def exp_threads(args) -> None:
                          "2": (trainer, lambda: torch.set_num_threads(2), lambda: torch.set_num_threads(default))},
                         args.warmup, args.steps)
         emit({"experiment": "threads", **result})
+    finally:
+        trainer.close()
+
+
+def exp_reward_overlap(args) -> None:
+    latency = os.path.join(os.path.dirname(os.path.abspath(__file__)), "latency_reward.py")
+    for name, overrides in {
+        "code": ["data.task.answer_format=program", "reward.terms=[{name: code, weight: 1.0, args: {timeout_s: 2.0}}]"],
+        "latency_20ms": [f"reward.terms=[{{name: 'python:{latency}:exact_after_wait', weight: 1.0}}]"],
+    }.items():
+        trainer = workload.build_rlcore_trainer([*overrides, "reward.num_workers=2", "algo.kl.coef=0.04"])
+        reward_overlap_ab(trainer, name, args)
+
+
+def reward_overlap_ab(trainer, reward: str, args) -> None:
+    overlapped = rlcore.trainer.collect
+    reward_seconds = {"overlapped": [], "serial": []}
+
+    def serial(**kwargs):  # collect() as if it waited for the rewards before returning
+        collecting = overlapped(**kwargs)
+        collecting.result()
+        return collecting
+
+    def use(name, fn):
+        def enter():
+            rlcore.trainer.collect = fn
+            real = trainer.rl_step
+
+            def step():
+                metrics = real()
+                reward_seconds[name].append(metrics["perf/reward_seconds"])
+                return metrics
+            trainer.rl_step = step
+        return enter
+
+    def leave():
+        rlcore.trainer.collect = overlapped
+        del trainer.rl_step
+
+    try:
+        result = run_ab({"overlapped": (trainer, use("overlapped", overlapped), leave),
+                         "serial": (trainer, use("serial", serial), leave)}, args.warmup, args.steps)
+        for name, values in reward_seconds.items():
+            result[name]["reward_workers"] = round(statistics.median(values[args.warmup:]), 4)
+        emit({"experiment": "reward_overlap", "reward": reward, **result,
+              "step_saving_frac": round(1 - result["overlapped"]["step"] / result["serial"]["step"], 3)})
     finally:
         trainer.close()
 

@@ -6,7 +6,8 @@ is named python:path/to/file.py:fn. This package must not import rlcore (rlcore 
 """
 
 from rewards import code, math_reward, rule  # noqa: F401  (import registers the built-ins)
-from rewards.composite import CompositeReward, RewardResult, RewardSpec
+from rewards.composite import CompositeReward, PendingReward, RewardResult, RewardSpec
 from rewards.registry import REWARDS, RewardFn, register, resolve_reward
 
-__all__ = ["REWARDS", "CompositeReward", "RewardFn", "RewardResult", "RewardSpec", "register", "resolve_reward"]
+__all__ = ["REWARDS", "CompositeReward", "PendingReward", "RewardFn", "RewardResult", "RewardSpec", "register",
+           "resolve_reward"]

@@ -4,7 +4,9 @@
 import inspect
 import logging
 import math
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,18 +87,43 @@ class CompositeReward:
         self._dense = dense[0] if dense else None
         self._pool = WorkerPool(worker_names, kwargs_list, num_workers=num_workers, timeout_s=timeout_s) \
             if worker_names else None
+        self._thread: ThreadPoolExecutor | None = None  # feeds the pool for submit(), started on first use
 
     def __call__(
         self, prompts: Sequence[str], responses: Sequence[str], rows: Sequence[Mapping[str, Any]]
     ) -> RewardResult:
+        return self.submit(prompts, responses, rows).result()
+
+    def submit(
+        self, prompts: Sequence[str], responses: Sequence[str], rows: Sequence[Mapping[str, Any]]
+    ) -> "PendingReward":
+        """Start scoring: the rule rewards run in the worker processes while the caller goes on (e.g.
+        with model forwards); `.result()` waits for them, then runs the model terms in the caller's
+        thread (they share its device) and returns what `__call__` returns. One batch in flight at a
+        time: a second submit waits for the first batch's rule rewards."""
         n = len(responses)
         if len(prompts) != n or len(rows) != n:
             raise ValueError(f"got {len(prompts)} prompts, {n} responses, {len(rows)} rows; need one each per sample")
         num_rules = len(self._rule_terms)
         # One task per (sample, rule reward): a slow reward on one sample delays nothing else.
         tasks = [(c, prompts[i], responses[i], rows[i]) for i in range(n) for c in range(num_rules)]
-        outcomes = self._pool.run(tasks) if self._pool is not None else []
+        start = time.perf_counter()
 
+        def run_rules() -> tuple[list, float]:
+            outcomes = self._pool.run(tasks) if self._pool is not None else []
+            return outcomes, time.perf_counter() - start
+
+        if self._pool is None:
+            future: Future = Future()
+            future.set_result(run_rules())
+        else:
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+            future = self._thread.submit(run_rules)
+        return PendingReward(future, lambda outcomes: self._assemble(prompts, responses, outcomes))
+
+    def _assemble(self, prompts: Sequence[str], responses: Sequence[str], outcomes: list) -> RewardResult:
+        n, num_rules = len(responses), len(self._rule_terms)
         components = {key: [0.0] * n for key in self.keys}
         errors = {key: [] for key in self.keys}
         timeouts = dict.fromkeys(self.keys, 0)
@@ -140,6 +167,9 @@ class CompositeReward:
 
     def close(self) -> None:
         """Stop the worker processes (idempotent)."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
         if self._pool is not None:
             self._pool.close()
 
@@ -148,6 +178,22 @@ class CompositeReward:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PendingReward:
+    """A submitted batch: `result()` waits for it (once; later calls return the same result).
+    `rule_seconds`: wall time from submit until the rule rewards were done (known after result())."""
+
+    def __init__(self, rules: Future, assemble: Callable[[list], RewardResult]):
+        self._rules, self._assemble = rules, assemble
+        self._result: RewardResult | None = None
+        self.rule_seconds = 0.0
+
+    def result(self) -> RewardResult:
+        if self._result is None:
+            outcomes, self.rule_seconds = self._rules.result()
+            self._result = self._assemble(outcomes)
+        return self._result
 
 
 def _check_spec(i: int, spec: RewardSpec) -> tuple[str, float, dict]:

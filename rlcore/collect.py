@@ -5,20 +5,27 @@ gradient but dilutes the batch. With algo.filter.drop_constant_groups, such grou
 more prompts are sampled until the step holds its groups, for at most algo.filter.max_rounds rounds;
 then the step trains on what it has and says so. Reward metrics cover every sample generated, so
 they describe the policy, not the filter.
+
+Without the filter the batch does not depend on the rewards: collect() hands it back at once and the
+rule rewards run in the reward worker processes while the trainer's model passes run (reference,
+critic, old log-probs); Collecting.result() waits for them.
 """
 
 from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from algos import overlong_penalty
+from rewards import PendingReward, RewardResult
 from rewards.steps import step_end_tokens
 from rlcore import dist
 from rlcore.batch import RolloutBatch, StepRewards
+from rollout import Sample
 
 
 @dataclass(frozen=True)
@@ -37,53 +44,86 @@ class Collected:
     """With a dense process reward: the kept samples' weighted step scores and step-end tokens."""
 
 
-def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, timer) -> Collected:
-    f, cache_len = cfg.algo.filter, cfg.algo.shaping.overlong_cache_tokens
+class Collecting:
+    """The step's batch, known now, and its rewards, which may still be scored in the reward workers:
+    `result()` waits for them (timed as the "reward" phase) and returns the Collected step."""
+
+    def __init__(self, batch: RolloutBatch, finish: Callable[[], Collected]):
+        self.batch, self._finish, self._done = batch, finish, None
+
+    def result(self) -> Collected:
+        if self._done is None:
+            self._done = self._finish()
+        return self._done
+
+
+@dataclass(frozen=True)
+class _Round:
+    """One round of sampling: the prompt indices drawn, their samples, the decoded texts, and the
+    rewards (in flight until scored)."""
+    idx: list[int]
+    samples: list[list[Sample]]
+    texts: list[str]
+    responses: list[str]
+    reward: PendingReward
+
+
+@dataclass(frozen=True)
+class _Scored:
+    scores: torch.Tensor  # (P * G,) length shaping included
+    result: RewardResult
+    penalty: torch.Tensor | None
+    steps: list[tuple[list[float], list[int]]] | None
+
+
+def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, timer) -> Collecting:
+    f, n = cfg.algo.filter, cfg.rollout.samples_per_prompt
     # The sampler draws the global batch and hands this rank its share; rounds run in lockstep over
     # the ranks so every sampler stays at the same position.
-    need_global, n = cfg.train.prompts_per_step, cfg.rollout.samples_per_prompt
+    need_global = cfg.train.prompts_per_step
     need = need_global // sampler.world_size
-    kept_prompts, kept_samples, kept_scores, kept_steps = [], [], [], []
-    drawn: list[int] = []
-    scores_all, components, other, examples = [], defaultdict(list), defaultdict(list), []
-    rounds = num_constant = 0
-    while dist.any_rank(len(kept_prompts) < need) and rounds < (f.max_rounds if f.drop_constant_groups else 1):
-        rounds += 1
-        idx = sampler.next_batch(need_global)
-        drawn += idx
+
+    def generate(idx: list[int]) -> _Round:
         with timer("generate"):
             samples = engine.generate([prompts.token_ids[i] for i in idx], sampling)
-        with timer("reward"):
-            flat = [(i, s) for i, group in zip(idx, samples) for s in group]
-            texts = [prompts.texts[i] for i, _ in flat]
-            responses = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for _, s in flat]
-            result = reward_fn(texts, responses, [prompts.rows[i] for i, _ in flat])
-            scores = torch.tensor(result.scores, dtype=torch.float32)
-            lengths = torch.tensor([len(s.token_ids) for _, s in flat])
-            penalty = overlong_penalty(lengths, max_len=cfg.rollout.max_new_tokens, cache_len=cache_len) \
-                if cache_len else None
-        scores = scores if penalty is None else scores + penalty
-        steps = _steps(result, flat, tokenizer) if result.step_scores is not None else None
-        scores_all += scores.tolist()
-        for key, values in result.components.items():  # reward terms first: the first is the accuracy
-            components[key] += values
-        if penalty is not None:
-            components["overlong"] += penalty.tolist()
-        for key, value in result.metrics.items():
-            if not key.endswith("/mean"):
-                other[key].append(value)
-        examples = examples or list(zip(texts, responses, scores.tolist()))[:4]
-        grouped = scores.view(len(idx), n)  # (P, G)
+        flat = [(i, s) for i, group in zip(idx, samples) for s in group]
+        texts = [prompts.texts[i] for i, _ in flat]
+        responses = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for _, s in flat]
+        return _Round(idx, samples, texts, responses, reward_fn.submit(texts, responses, [prompts.rows[i] for i, _ in flat]))
+
+    def score(r: _Round) -> _Scored:
+        return _score(r, cfg, tokenizer, timer)
+
+    if not f.drop_constant_groups:
+        # One round, kept whole: the batch is known before its rewards, so the reward workers score
+        # them while the caller runs its model passes (reference, critic, old log-probs).
+        r = generate(sampler.next_batch(need_global))
+        batch = RolloutBatch.from_samples([prompts.token_ids[i] for i in r.idx], r.samples)
+
+        def finish() -> Collected:
+            s = score(r)
+            return Collected(batch, s.scores, _reward_metrics([r], [s]), list(r.idx), _examples(r, s),
+                             StepRewards.from_lists(s.steps) if s.steps else None)
+        return Collecting(batch, finish)
+
+    kept_prompts, kept_samples, kept_scores, kept_steps = [], [], [], []
+    rounds, scored = [], []
+    num_constant = 0
+    while dist.any_rank(len(kept_prompts) < need) and len(rounds) < f.max_rounds:
+        r = generate(sampler.next_batch(need_global))
+        s = score(r)
+        rounds.append(r)
+        scored.append(s)
+        grouped = s.scores.view(len(r.idx), n)  # (P, G)
         # A group has signal when its samples differ in score or in their summed step rewards.
-        total = grouped if steps is None else grouped + torch.tensor([sum(r) for r, _ in steps]).view(len(idx), n)
+        total = grouped if s.steps is None else grouped + torch.tensor([sum(x) for x, _ in s.steps]).view(len(r.idx), n)
         has_signal = total.max(1).values > total.min(1).values
         num_constant += int((~has_signal).sum())
-        keep = has_signal | (not f.drop_constant_groups)
-        for j in keep.nonzero()[:, 0].tolist()[: need - len(kept_prompts)]:
-            kept_prompts.append(prompts.token_ids[idx[j]])
-            kept_samples.append(samples[j])
+        for j in has_signal.nonzero()[:, 0].tolist()[: need - len(kept_prompts)]:
+            kept_prompts.append(prompts.token_ids[r.idx[j]])
+            kept_samples.append(r.samples[j])
             kept_scores.append(grouped[j])
-            kept_steps += steps[j * n:(j + 1) * n] if steps else []
+            kept_steps += s.steps[j * n:(j + 1) * n] if s.steps else []
 
     # Every rank trains on as many groups as the rank that kept the fewest (equal micro-batch and
     # optimizer-step counts keep the sharded update in lockstep).
@@ -91,40 +131,71 @@ def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, ti
     if 0 < fewest < len(kept_prompts):
         kept_prompts, kept_samples, kept_scores = kept_prompts[:fewest], kept_samples[:fewest], kept_scores[:fewest]
         kept_steps = kept_steps[: fewest * n]
-    metrics = _reward_metrics(scores_all, components, other)
-    if f.drop_constant_groups:
-        metrics |= {"filter/dropped_frac": num_constant / len(drawn), "filter/rounds": float(rounds),
-                    "filter/hit_max_rounds": float(len(kept_prompts) < need)}
-        if len(kept_prompts) < need:
-            print(f"warning: dynamic sampling kept {len(kept_prompts)} of {need} groups after {rounds} rounds "
-                  "(algo.filter.max_rounds); training on those", file=sys.stderr)
-        if fewest == 0:  # a rank kept nothing: every rank trains on its last round (equal sizes)
-            kept_prompts = [prompts.token_ids[i] for i in idx]
-            kept_samples, kept_scores, kept_steps = samples, list(grouped), steps or []
+    drawn = [i for r in rounds for i in r.idx]
+    metrics = _reward_metrics(rounds, scored)
+    metrics |= {"filter/dropped_frac": num_constant / len(drawn), "filter/rounds": float(len(rounds)),
+                "filter/hit_max_rounds": float(len(kept_prompts) < need)}
+    if len(kept_prompts) < need:
+        print(f"warning: dynamic sampling kept {len(kept_prompts)} of {need} groups after {len(rounds)} rounds "
+              "(algo.filter.max_rounds); training on those", file=sys.stderr)
+    if fewest == 0:  # a rank kept nothing: every rank trains on its last round (equal sizes)
+        kept_prompts = [prompts.token_ids[i] for i in r.idx]
+        kept_samples, kept_scores, kept_steps = r.samples, list(s.scores.view(len(r.idx), n)), s.steps or []
     batch = RolloutBatch.from_samples(kept_prompts, kept_samples)
-    step_rewards = StepRewards.from_lists(kept_steps) if kept_steps else None
-    return Collected(batch, torch.cat(kept_scores), metrics, drawn, examples, step_rewards)
+    done = Collected(batch, torch.cat(kept_scores), metrics, drawn, _examples(rounds[0], scored[0]),
+                     StepRewards.from_lists(kept_steps) if kept_steps else None)
+    return Collecting(batch, lambda: done)
 
 
-def _steps(result, flat, tokenizer) -> list[tuple[list[float], list[int]]]:
+def _score(r: _Round, cfg, tokenizer, timer) -> _Scored:
+    """Wait for a round's rewards; add the overlong length penalty; map dense step scores to tokens."""
+    cache_len = cfg.algo.shaping.overlong_cache_tokens
+    with timer("reward"):
+        result = r.reward.result()
+        scores = torch.tensor(result.scores, dtype=torch.float32)
+        lengths = torch.tensor([len(s.token_ids) for group in r.samples for s in group])
+        penalty = overlong_penalty(lengths, max_len=cfg.rollout.max_new_tokens, cache_len=cache_len) \
+            if cache_len else None
+    scores = scores if penalty is None else scores + penalty
+    flat = [s for group in r.samples for s in group]
+    steps = _steps(result, flat, tokenizer) if result.step_scores is not None else None
+    return _Scored(scores, result, penalty, steps)
+
+
+def _examples(r: _Round, s: _Scored) -> list[tuple[str, str, float]]:
+    return list(zip(r.texts, r.responses, s.scores.tolist()))[:4]
+
+
+def _steps(result, flat: list[Sample], tokenizer) -> list[tuple[list[float], list[int]]]:
     """Per sample: (weighted step scores, the policy-token index where each step ends)."""
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     out = []
-    for (_, s), scores, char_ends in zip(flat, result.step_scores, result.step_char_ends):
+    for s, scores, char_ends in zip(flat, result.step_scores, result.step_char_ends):
         ends = step_end_tokens(decode, s.token_ids, char_ends)
         out.append((scores[:len(ends)], ends))  # a step sharing its last token with the one before is dropped
     return out
 
 
-def _reward_metrics(scores: list[float], components: dict, other: dict) -> dict[str, float]:
+def _reward_metrics(rounds: list[_Round], scored: list[_Scored]) -> dict[str, float]:
     """Over every round: means of the scores and components; counts (errors, timeouts, samples with
-    no steps) summed, the other per-round statistics (a PRM's step statistics) averaged."""
-    t = torch.tensor(scores)
+    no steps) summed, the other per-round statistics (a PRM's step statistics) averaged;
+    perf/reward_seconds: the reward workers' wall time, overlapped with other work or not."""
+    t = torch.cat([s.scores for s in scored])
+    components, other = defaultdict(list), defaultdict(list)
+    for s in scored:
+        for key, values in s.result.components.items():  # reward terms first: the first is the accuracy
+            components[key] += values
+        if s.penalty is not None:
+            components["overlong"] += s.penalty.tolist()
+        for key, value in s.result.metrics.items():
+            if not key.endswith("/mean"):
+                other[key].append(value)
     first = next(iter(components.values()))
     metrics = {"reward/mean": t.mean().item(), "reward/std": t.std().item() if len(t) > 1 else 0.0,
-               "reward/accuracy": float(sum(first) / len(first))}
+               "reward/accuracy": float(sum(first) / len(first)),
+               "perf/reward_seconds": sum(r.reward.rule_seconds for r in rounds)}
     metrics |= {f"reward/{key}/mean": sum(v) / len(v) for key, v in components.items()}
     counts = ("/errors", "/timeouts", "/no_step_samples")
     return metrics | {key: sum(v) if key.endswith(counts) else sum(v) / len(v) for key, v in other.items()}

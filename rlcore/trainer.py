@@ -104,11 +104,12 @@ class Trainer:
             self.engine.wake()
             sync_metrics = self._sync()
 
-        # 1-4. prompts -> n samples each -> rewards; DAPO dynamic sampling repeats this to fill the step
-        rollout = collect(cfg=cfg, sampler=self.sampler, prompts=self.train_prompts, engine=self.engine,
-                          sampling=self.sampling, tokenizer=self.tokenizer, reward_fn=self.reward_fn, timer=t)
+        # 1-4. prompts -> n samples each -> rewards; DAPO dynamic sampling repeats this to fill the step.
+        #      Without it the rewards are still being scored (in the reward workers) during step 5.
+        collecting = collect(cfg=cfg, sampler=self.sampler, prompts=self.train_prompts, engine=self.engine,
+                             sampling=self.sampling, tokenizer=self.tokenizer, reward_fn=self.reward_fn, timer=t)
         self.engine.sleep()
-        batch, scores, steps = rollout.batch, rollout.scores, rollout.steps  # steps: dense PRM rewards or None
+        batch = collecting.batch
 
         # 5. log-probs: old (the actor now; exactly on-policy, the update's own), reference (if KL);
         #    check them against the engine's
@@ -127,6 +128,9 @@ class Trainer:
         if self.critic is not None:
             with t("values"):
                 values = self.critic.values(batch.prompt_ids, batch.response_ids, batch.mask)
+
+        rollout = collecting.result()  # waits for the rewards (the "reward" phase)
+        scores, steps = rollout.scores, rollout.steps  # steps: dense PRM rewards or None
 
         # 6. advantages: group-relative from scores (+ process advantages from PRM steps, spec §2.2),
         #    or GAE over token rewards with the critic (PPO; PRM steps on their last tokens, spec §6)

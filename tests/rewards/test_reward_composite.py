@@ -185,3 +185,18 @@ def test_model_terms_config_errors_name_the_term(tmp_path):
         CompositeReward([("exact", 1.0, {}), ("prm", 1.0, {})])
     with pytest.raises(Exception, match=r"reward\[0\]"):
         CompositeReward([("orm", 1.0, {"path": str(tmp_path / "missing")})])
+
+
+def test_submitted_batches_score_in_the_background_and_keep_their_own_results(user_file):
+    """submit() returns before the workers are done; two batches in flight each get their own scores,
+    and a batch's result() may be read twice."""
+    slow = user_file.parent / "slow_reward.py"
+    slow.write_text("import time\n\ndef score(prompt, response, row):\n    time.sleep(0.2)\n    return float(response)\n")
+    with CompositeReward([(f"python:{slow}:score", 2.0, {})], num_workers=2) as reward:
+        reward(["p"], ["0"], [{}])  # worker start-up
+        start = time.perf_counter()
+        first = reward.submit(["p"] * 2, ["1", "2"], [{}] * 2)
+        second = reward.submit(["p"] * 2, ["3", "4"], [{}] * 2)
+        assert time.perf_counter() - start < 0.1
+        assert second.result().scores == [6.0, 8.0] and first.result().scores == [2.0, 4.0]
+        assert first.result() is first.result() and first.rule_seconds >= 0.2

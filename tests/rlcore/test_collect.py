@@ -1,4 +1,7 @@
-"""Steps 1-4 with a fake engine: dynamic sampling (DAPO) and overlong shaping."""
+"""Steps 1-4 with a fake engine: dynamic sampling (DAPO), overlong shaping, rewards scored while the
+caller goes on."""
+
+import time
 
 import pytest
 
@@ -40,9 +43,14 @@ def setup(script, answers, **algo):
     return cfg, prompts, FakeEngine(script)
 
 
-def run(cfg, prompts, engine, reward):
+def start(cfg, prompts, engine, reward, timer=None):
     return collect(cfg=cfg, sampler=PromptSampler(len(prompts), seed=0), prompts=prompts, engine=engine,
-                   sampling=SamplingParams(n=2, max_new_tokens=4), tokenizer=TOK, reward_fn=reward, timer=Timer())
+                   sampling=SamplingParams(n=2, max_new_tokens=4), tokenizer=TOK, reward_fn=reward,
+                   timer=timer or Timer())
+
+
+def run(cfg, prompts, engine, reward):
+    return start(cfg, prompts, engine, reward).result()
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +105,25 @@ def test_overlong_penalty_is_added_to_the_reward(exact):
     assert out.scores.tolist() == pytest.approx(expected)
     assert out.metrics["reward/overlong/mean"] == pytest.approx(-1 / 3)
     assert out.metrics["reward/accuracy"] == 0.75  # the first term, not the shaping
+
+
+def test_without_filter_the_batch_comes_back_before_its_rewards(tmp_path):
+    """The rule rewards run in the workers after collect() returns: a reward that sleeps 0.3 s per
+    sample (4 samples, 2 workers: >= 0.6 s) leaves collect() fast, and work done meanwhile hides it."""
+    slow = tmp_path / "slow.py"
+    slow.write_text("import time\n\ndef reward(prompt, response, row):\n    time.sleep(0.3)\n"
+                    "    return float(response == row['answer'])\n")
+    script = {"a?": "11", "b?": "19"}
+    cfg, prompts, engine = setup(script, {"a?": "1", "b?": "1"})
+    with CompositeReward([(f"python:{slow}:reward", 1.0, {})], num_workers=2) as reward:
+        reward(["p"], ["1"], [{"answer": "1"}])  # the workers' start-up, outside the timing
+        timer = Timer()
+        begin = time.perf_counter()
+        collecting = start(cfg, prompts, engine, reward, timer)
+        returned = time.perf_counter() - begin
+        time.sleep(0.7)  # the trainer's model passes
+        out = collecting.result()
+        waited = timer.pop()["timing/reward"]
+    assert returned < 0.3 and waited < 0.3 and out.metrics["perf/reward_seconds"] >= 0.6
+    assert len(out.batch) == 4 and collecting.batch is out.batch
+    assert out.metrics["reward/mean"] == 0.75 and collecting.result() is out

@@ -56,7 +56,7 @@ def test_step_ends_map_to_policy_tokens():
     tok = char_tokenizer()
     ids = tok("ab\n\ncd")["input_ids"] + [tok.eos_token_id]
     result = RewardResult(scores=[0.0], components={}, metrics={}, step_scores=[[0.5, 0.25]], step_char_ends=[[4, 6]])
-    steps = _steps(result, [(0, Sample(token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop"))], tok)
+    steps = _steps(result, [Sample(token_ids=ids, logprobs=[0.0] * len(ids), finish_reason="stop")], tok)
     assert steps == [([0.5, 0.25], [3, 5])]
 
 
