@@ -334,33 +334,23 @@ def exp_reward_overlap(args) -> None:
 
 
 def reward_overlap_ab(trainer, reward: str, args) -> None:
-    overlapped = rlcore.trainer.collect
     reward_seconds = {"overlapped": [], "serial": []}
+    step = trainer.rl_step
 
-    def serial(**kwargs):  # collect() as if it waited for the rewards before returning
-        collecting = overlapped(**kwargs)
-        collecting.result()
-        return collecting
-
-    def use(name, fn):
+    def use(name: str, overlap: bool):
         def enter():
-            rlcore.trainer.collect = fn
-            real = trainer.rl_step
+            trainer.overlap_rewards = overlap  # as reward.overlap=true / false
 
-            def step():
-                metrics = real()
+            def recorded():
+                metrics = step()
                 reward_seconds[name].append(metrics["perf/reward_seconds"])
                 return metrics
-            trainer.rl_step = step
+            trainer.rl_step = recorded
         return enter
 
-    def leave():
-        rlcore.trainer.collect = overlapped
-        del trainer.rl_step
-
     try:
-        result = run_ab({"overlapped": (trainer, use("overlapped", overlapped), leave),
-                         "serial": (trainer, use("serial", serial), leave)}, args.warmup, args.steps)
+        result = run_ab({"overlapped": (trainer, use("overlapped", True), nothing),
+                         "serial": (trainer, use("serial", False), nothing)}, args.warmup, args.steps)
         for name, values in reward_seconds.items():
             result[name]["reward_workers"] = round(statistics.median(values[args.warmup:]), 4)
         emit({"experiment": "reward_overlap", "reward": reward, **result,

@@ -6,9 +6,9 @@ more prompts are sampled until the step holds its groups, for at most algo.filte
 then the step trains on what it has and says so. Reward metrics cover every sample generated, so
 they describe the policy, not the filter.
 
-Without the filter the batch does not depend on the rewards: collect() hands it back at once and the
-rule rewards run in the reward worker processes while the trainer's model passes run (reference,
-critic, old log-probs); Collecting.result() waits for them.
+Without the filter the batch does not depend on the rewards: with `overlap`, collect() hands it back
+at once and the rule rewards run in the reward worker processes while the trainer's model passes run
+(reference, critic, old log-probs); Collecting.result() waits for them.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ class _Scored:
     steps: list[tuple[list[float], list[int]]] | None
 
 
-def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, timer) -> Collecting:
+def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, timer, overlap: bool = True
+            ) -> Collecting:
     f, n = cfg.algo.filter, cfg.rollout.samples_per_prompt
     # The sampler draws the global batch and hands this rank its share; rounds run in lockstep over
     # the ranks so every sampler stays at the same position.
@@ -104,6 +105,9 @@ def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, ti
             s = score(r)
             return Collected(batch, s.scores, _reward_metrics([r], [s]), list(r.idx), _examples(r, s),
                              StepRewards.from_lists(s.steps) if s.steps else None)
+        if not overlap:
+            done = finish()
+            return Collecting(batch, lambda: done)
         return Collecting(batch, finish)
 
     kept_prompts, kept_samples, kept_scores, kept_steps = [], [], [], []

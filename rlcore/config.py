@@ -297,6 +297,12 @@ class RewardConfig(_Node):
     """A reward call running longer scores 0 and is counted (reward/<name>/timeouts)."""
     num_workers: int = 2
     """Reward worker processes."""
+    overlap: Optional[bool] = None
+    """Score the rule rewards in the workers while the model passes run (reference, critic, old
+    log-probs; not with dynamic sampling). Unset: when that leaves the workers cores of their own, on
+    a GPU or when torch's threads + num_workers <= CPU cores. Set true for rewards that mostly wait
+    (a remote verifier or judge: -8 to -14 % per step even on 2 busy cores); false for CPU-bound ones
+    on a CPU without spare cores (sandboxed code: +4 % there). bench/profile_step.py reward_overlap."""
 
 
 @dataclass

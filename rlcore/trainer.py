@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from contextlib import nullcontext
 import random
 import sys
@@ -94,6 +95,7 @@ class Trainer:
                                        stop_token_ids=tuple(stop_token_ids(self.tokenizer, r.stop)))
         self.timer = Timer(plan.device)
         self.step, self.eval_before = 0, None
+        self.overlap_rewards = overlap_rewards(cfg.reward, plan.device)
         self.kl_coef = cfg.algo.kl.coef  # the KL-in-reward coefficient; adapted when algo.kl.target is set
 
     # ------------------------------------------------------------------ the RL step
@@ -107,7 +109,8 @@ class Trainer:
         # 1-4. prompts -> n samples each -> rewards; DAPO dynamic sampling repeats this to fill the step.
         #      Without it the rewards are still being scored (in the reward workers) during step 5.
         collecting = collect(cfg=cfg, sampler=self.sampler, prompts=self.train_prompts, engine=self.engine,
-                             sampling=self.sampling, tokenizer=self.tokenizer, reward_fn=self.reward_fn, timer=t)
+                             sampling=self.sampling, tokenizer=self.tokenizer, reward_fn=self.reward_fn, timer=t,
+                             overlap=self.overlap_rewards)
         self.engine.sleep()
         batch = collecting.batch
 
@@ -363,6 +366,15 @@ def global_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     sq = dist.all_reduce(torch.where(valid, (x - mean) ** 2, 0.0).sum().reshape(1))[0]
     var = sq / sums[1] * sums[1] / (sums[1] - 1)
     return torch.where(valid, (values - mean) * torch.rsqrt(var + 1e-8), 0.0)
+
+
+def overlap_rewards(reward_cfg, device: str) -> bool:
+    """reward.overlap, or when unset: whether the reward workers get cores the model passes leave free."""
+    if reward_cfg.overlap is not None:
+        return reward_cfg.overlap
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    needed = ranks_here * (torch.get_num_threads() + reward_cfg.num_workers)
+    return device != "cpu" or needed <= (os.cpu_count() or 1)
 
 
 def score_rewards(scores, mask) -> torch.Tensor:

@@ -43,10 +43,10 @@ def setup(script, answers, **algo):
     return cfg, prompts, FakeEngine(script)
 
 
-def start(cfg, prompts, engine, reward, timer=None):
+def start(cfg, prompts, engine, reward, timer=None, overlap=True):
     return collect(cfg=cfg, sampler=PromptSampler(len(prompts), seed=0), prompts=prompts, engine=engine,
                    sampling=SamplingParams(n=2, max_new_tokens=4), tokenizer=TOK, reward_fn=reward,
-                   timer=timer or Timer())
+                   timer=timer or Timer(), overlap=overlap)
 
 
 def run(cfg, prompts, engine, reward):
@@ -107,9 +107,11 @@ def test_overlong_penalty_is_added_to_the_reward(exact):
     assert out.metrics["reward/accuracy"] == 0.75  # the first term, not the shaping
 
 
-def test_without_filter_the_batch_comes_back_before_its_rewards(tmp_path):
-    """The rule rewards run in the workers after collect() returns: a reward that sleeps 0.3 s per
-    sample (4 samples, 2 workers: >= 0.6 s) leaves collect() fast, and work done meanwhile hides it."""
+@pytest.mark.parametrize("overlap", [True, False])
+def test_without_filter_the_batch_comes_back_before_its_rewards(tmp_path, overlap):
+    """With overlap the rule rewards run in the workers after collect() returns: a reward that sleeps
+    0.3 s per sample (4 samples, 2 workers: >= 0.6 s) leaves collect() fast, and work done meanwhile
+    hides it. Without, collect() waits for them."""
     slow = tmp_path / "slow.py"
     slow.write_text("import time\n\ndef reward(prompt, response, row):\n    time.sleep(0.3)\n"
                     "    return float(response == row['answer'])\n")
@@ -119,11 +121,29 @@ def test_without_filter_the_batch_comes_back_before_its_rewards(tmp_path):
         reward(["p"], ["1"], [{"answer": "1"}])  # the workers' start-up, outside the timing
         timer = Timer()
         begin = time.perf_counter()
-        collecting = start(cfg, prompts, engine, reward, timer)
+        collecting = start(cfg, prompts, engine, reward, timer, overlap=overlap)
         returned = time.perf_counter() - begin
         time.sleep(0.7)  # the trainer's model passes
         out = collecting.result()
         waited = timer.pop()["timing/reward"]
-    assert returned < 0.3 and waited < 0.3 and out.metrics["perf/reward_seconds"] >= 0.6
+    if overlap:
+        assert returned < 0.3 and waited < 0.3
+    else:
+        assert returned >= 0.6 and waited >= 0.6
+    assert out.metrics["perf/reward_seconds"] >= 0.6
     assert len(out.batch) == 4 and collecting.batch is out.batch
     assert out.metrics["reward/mean"] == 0.75 and collecting.result() is out
+
+
+def test_reward_overlap_unset_means_spare_cores(monkeypatch):
+    from rlcore.config import RewardConfig
+    from rlcore.trainer import overlap_rewards
+
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("torch.get_num_threads", lambda: 2)
+    assert overlap_rewards(RewardConfig(num_workers=2), "cpu") is True
+    assert overlap_rewards(RewardConfig(num_workers=3), "cpu") is False
+    assert overlap_rewards(RewardConfig(num_workers=3), "cuda") is True
+    assert overlap_rewards(RewardConfig(num_workers=2, overlap=False), "cuda") is False
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on this host: 2 x (2 + 2) > 4
+    assert overlap_rewards(RewardConfig(num_workers=2), "cpu") is False

@@ -134,14 +134,19 @@ def test_dapo_knobs_through_the_cli_with_constant_rewards(tmp_path):
 
 
 def test_ppo_with_critic_and_kl_in_reward_resumes_exactly(tmp_path, saved_model):
-    """PPO: critic metrics logged, the value model checkpointed, and a resumed run equals a straight one."""
+    """PPO: critic metrics logged, the value model checkpointed, and a resumed run equals a straight one.
+    The straight run scores its rewards during the critic and reference passes, the resumed one before
+    them: the same numbers."""
     args = ["ppo_arith", *SHORT, "trainer.save_every=1", "trainer.export=false", "algo.kl.coef=0.01",
             "algo.kl.placement=reward", "algo.kl.estimator=k1", "algo.kl.target=0.001"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_cli("train", *args, "trainer.total_steps=3", f"trainer.output_dir={straight}", cwd=tmp_path)
-    run_cli("train", *args, "trainer.total_steps=2", f"trainer.output_dir={resumed}", cwd=tmp_path)
+    run_cli("train", *args, "reward.overlap=true", "trainer.total_steps=3", f"trainer.output_dir={straight}",
+            cwd=tmp_path)
+    run_cli("train", *args, "reward.overlap=false", "trainer.total_steps=2", f"trainer.output_dir={resumed}",
+            cwd=tmp_path)
     assert (resumed / "checkpoints" / "step_000002" / "critic" / "config.json").exists()
-    proc = run_cli("train", *args, "trainer.total_steps=3", f"trainer.output_dir={resumed}", cwd=tmp_path)
+    proc = run_cli("train", *args, "reward.overlap=false", "trainer.total_steps=3", f"trainer.output_dir={resumed}",
+                   cwd=tmp_path)
     assert "resumed from" in proc.stderr
     a, b = ([m for m in read_metrics(r) if "critic/value_loss" in m] for r in (straight, resumed))
     assert len(a) == len(b) == 3
