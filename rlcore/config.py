@@ -301,8 +301,8 @@ class RewardConfig(_Node):
     """Score the rule rewards in the workers while the model passes run (reference, critic, old
     log-probs; not with dynamic sampling). Unset: when that leaves the workers cores of their own, on
     a GPU or when torch's threads + num_workers <= CPU cores. Set true for rewards that mostly wait
-    (a remote verifier or judge: -8 to -14 % per step even on 2 busy cores); false for CPU-bound ones
-    on a CPU without spare cores (sandboxed code: +4 % there). bench/profile_step.py reward_overlap."""
+    (a remote verifier or judge: steps 13-16 % shorter even on 2 busy cores); false for CPU-bound ones
+    on a CPU without spare cores (sandboxed code: 4-8 % longer there). bench/profile_step.py."""
 
 
 @dataclass
