@@ -81,7 +81,8 @@ def measure_peak(args, dtype, device) -> dict:
     y.copy_(x)
     bandwidth = 2 * x.numel() * 4 / min(timed(lambda: y.copy_(x), device) for _ in range(args.reps))
     return {"experiment": "peak", "dtype": str(dtype), "peak_flops": max(flops.values()),
-            "per_size_tflops": {n: round(f / 1e12, 2) for n, f in flops.items()}, "bandwidth_gbs": round(bandwidth / 1e9, 1)}
+            "per_size_tflops": {n: round(f / 1e12, 2) for n, f in flops.items()},
+            "bandwidth_gbs": round(bandwidth / 1e9, 1)}
 
 
 def measure_train(args, shape, dtype, device, peak_flops) -> dict:
@@ -156,7 +157,8 @@ def measure_sync(args, shape, dtype, device) -> dict:
     engine = make_engine(args.engine, build(shape, dtype, device) if args.engine == "hf" else actor, args)
     metrics = [sync_weights(actor, engine, bucket_mb=args.bucket_mb, dtype=dtype) for _ in range(args.reps)]
     seconds = statistics.median(m["sync/seconds"] for m in metrics)
-    return {"experiment": "sync", "engine": args.engine, "bytes": metrics[0]["sync/bytes"], "seconds": round(seconds, 4),
+    return {"experiment": "sync", "engine": args.engine, "bytes": metrics[0]["sync/bytes"],
+            "seconds": round(seconds, 4),
             "gb_per_s": round(metrics[0]["sync/bytes"] / seconds / 1e9, 2),
             "max_checksum_error": max(m.get("sync/max_checksum_error", 0.0) for m in metrics)}
 
@@ -175,7 +177,8 @@ def measure_step(args, shape, dtype, device) -> dict:
             start = time.perf_counter()
             metrics = trainer.rl_step()
             trainer.step += 1
-            record = {"step": time.perf_counter() - start, **trainer.timer.pop(), "generated": metrics["perf/generated_tokens"]}
+            record = {"step": time.perf_counter() - start, **trainer.timer.pop(),
+                      "generated": metrics["perf/generated_tokens"]}
             records += [record] if i else []
     finally:
         trainer.close()

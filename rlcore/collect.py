@@ -90,7 +90,8 @@ def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, ti
         flat = [(i, s) for i, group in zip(idx, samples) for s in group]
         texts = [prompts.texts[i] for i, _ in flat]
         responses = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for _, s in flat]
-        return _Round(idx, samples, texts, responses, reward_fn.submit(texts, responses, [prompts.rows[i] for i, _ in flat]))
+        pending = reward_fn.submit(texts, responses, [prompts.rows[i] for i, _ in flat])
+        return _Round(idx, samples, texts, responses, pending)
 
     def score(r: _Round) -> _Scored:
         return _score(r, cfg, tokenizer, timer)

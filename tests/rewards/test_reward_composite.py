@@ -191,7 +191,8 @@ def test_submitted_batches_score_in_the_background_and_keep_their_own_results(us
     """submit() returns before the workers are done; two batches in flight each get their own scores,
     and a batch's result() may be read twice."""
     slow = user_file.parent / "slow_reward.py"
-    slow.write_text("import time\n\ndef score(prompt, response, row):\n    time.sleep(0.2)\n    return float(response)\n")
+    slow.write_text("import time\n\ndef score(prompt, response, row):\n    time.sleep(0.2)\n"
+                    "    return float(response)\n")
     with CompositeReward([(f"python:{slow}:score", 2.0, {})], num_workers=2) as reward:
         reward(["p"], ["0"], [{}])  # worker start-up
         start = time.perf_counter()
