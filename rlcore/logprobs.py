@@ -2,23 +2,30 @@
 
 Only the hidden states that score a response token go through the LM head, in chunks, so the
 [B, P, vocab] logits of prompts and padding are never materialised (spec §0: the logits at position
-prompt_len + t - 1 score response token t).
+prompt_len + t - 1 score response token t). With grad and several chunks, a chunk's logits are
+recomputed in backward rather than kept, so one chunk's (HEAD_CHUNK_TOKENS x vocab) fp32 tensors exist
+at a time.
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from algos import entropy_from_logits
 
 if TYPE_CHECKING:
     from rlcore.moe import MoEForward
 
-HEAD_CHUNK_TOKENS = 4096
+HEAD_CHUNK_TOKENS = 1024
+"""Response tokens per LM-head chunk. Each chunk's fp32 logits and their few temporaries are the update's
+largest tensors at real vocabularies (1024 x 152,064 x 4 B = 594 MiB per copy, about five at the head's
+backward); with recomputation in backward, only one chunk's exist at a time, whatever the micro-batch."""
 
 
 def pack_inputs(prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor, pad_id: int):
@@ -64,14 +71,18 @@ class ResponseScorer(torch.nn.Module):
             hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, P, H)
             hidden_sel = torch.gather(hidden, 1, pos[..., None].expand(-1, -1, hidden.shape[-1]))[keep]  # (N, H)
         target_sel = targets[keep]  # (N,)
+        score = partial(_score_chunk, head, temperature=temperature, with_entropy=with_entropy,
+                        entropy_grad=entropy_grad)
+        # With grad and several chunks, each chunk's (n, vocab) fp32 logits are recomputed in backward
+        # instead of kept: all of them would be the update's largest tensors at real vocabularies. One
+        # chunk is kept (recomputing it would cost a head forward and lower no peak).
+        recompute = torch.is_grad_enabled() and target_sel.shape[0] > HEAD_CHUNK_TOKENS
         logp_parts, ent_parts = [], []
         for start in range(0, target_sel.shape[0], HEAD_CHUNK_TOKENS):
-            z = head(hidden_sel[start : start + HEAD_CHUNK_TOKENS]).float() / temperature  # (n, V)
-            lse = torch.logsumexp(z, dim=-1)
-            logp_parts.append(z.gather(-1, target_sel[start : start + HEAD_CHUNK_TOKENS, None])[:, 0] - lse)
-            if with_entropy:
-                with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                    ent_parts.append(entropy_from_logits(z))
+            h, t = hidden_sel[start : start + HEAD_CHUNK_TOKENS], target_sel[start : start + HEAD_CHUNK_TOKENS]
+            logp, ent = checkpoint(score, h, t, use_reentrant=False) if recompute else score(h, t)
+            logp_parts.append(logp)
+            ent_parts += [ent] if with_entropy else []
         device = input_ids.device
         return _cat(logp_parts, device), (_cat(ent_parts, device) if with_entropy else None)
 
@@ -111,6 +122,17 @@ def response_logprobs(
     if with_entropy:
         entropy = torch.zeros(mask.shape, device=device, dtype=torch.float32).masked_scatter(keep, ent_sel)
     return logprobs, entropy
+
+
+def _score_chunk(head, h: Tensor, targets: Tensor, *, temperature: float, with_entropy: bool, entropy_grad: bool
+                 ) -> tuple[Tensor, Tensor | None]:
+    """(n,) log-probs of targets (and entropies) from (n, H) hidden states."""
+    z = head(h).float() / temperature  # (n, V)
+    logp = z.gather(-1, targets[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
+    if not with_entropy:
+        return logp, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logp, entropy_from_logits(z)
 
 
 def _cat(parts: list[Tensor], device) -> Tensor:

@@ -23,9 +23,10 @@ q, k, v, output and a log-sum-exp, never a seq x seq matrix):
 The DynamicCache the forward fills (bc kvh (dk + dv) per layer) is freed when the trunk returns, before
 the peak. With gradient checkpointing a layer keeps only its input (bc H); one layer recomputed in backward
 comes after the head's backward (the larger of the two counts).
-The peak is at the LM head's backward: fp32 logits of every response token (kept by logsumexp; softmax
-and its product too when the entropy has a gradient) plus one HEAD_CHUNK_TOKENS chunk's temporaries,
-before any parameter gradient of the micro-batch exists (they count only while accumulating).
+The peak is at the LM head's backward: one HEAD_CHUNK_TOKENS chunk's fp32 logits recomputed (kept by
+logsumexp; softmax and its product too when the entropy has a gradient; rlcore.logprobs keeps no logits
+from the forward) plus that chunk's backward temporaries, before any parameter gradient of the
+micro-batch exists (they count only while accumulating).
 """
 
 from __future__ import annotations
@@ -153,10 +154,10 @@ def _plan(c, s: Shape, W: int, device: str, P: int) -> "MemoryPlan":
     bucket = max(r.sync_bucket_mb * 2**20, s.largest * bp) if W > 1 else 0  # one bucket of full tensors
     # rlcore.sync checksums each sent tensor a chunk of rows at a time: the chunk as float64, and its abs()
     checksum = 2 * 8 * min(s.largest_2d, CHECKSUM_ROWS_ELEMENTS)
-    kept = 1 + 2 * (c.algo.entropy_coef != 0)  # (tokens x V) fp32 tensors the head keeps for backward
+    kept = 1 + 2 * (c.algo.entropy_coef != 0)  # (chunk x V) fp32 tensors a recomputed head chunk keeps
 
     def fwd_bwd(n: int) -> dict:  # one micro-batch of n rows at its peak: the head's backward
-        head = {"LM head logits": 4 * V * (kept * n * T + HEAD_CHUNK_COPIES * min(HEAD_CHUNK_TOKENS, n * T))}
+        head = {"LM head logits": 4 * V * (kept + HEAD_CHUNK_COPIES) * min(HEAD_CHUNK_TOKENS, n * T)}
         final = (4 + 3 * bc) * s.hidden  # final norm, last hidden
         if not m.gradient_checkpointing:
             return {"activations": n * L * (l * layer_activation_bytes(s, bc) + final), **head}

@@ -18,6 +18,7 @@ from rlcore import dist  # noqa: E402
 from rlcore.actor import Actor  # noqa: E402
 from rlcore.batch import TrainBatch  # noqa: E402
 from rlcore.config import RLConfig  # noqa: E402
+from rlcore import logprobs  # noqa: E402
 from rlcore.logprobs import ResponseScorer, response_logprobs  # noqa: E402
 from rlcore.models import tiny_model  # noqa: E402
 from rlcore.sharding import full_tensor, shard  # noqa: E402
@@ -36,6 +37,7 @@ def batch(vocab: int):
 
 def main(out: str, strategy: str) -> None:
     torch.manual_seed(0)
+    logprobs.HEAD_CHUNK_TOKENS = 4  # several head chunks per micro-batch: recomputed in backward under FSDP
     dist.init("cpu")
     world, rank = dist.world_size(), dist.rank()
     model = tiny_model(40, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64, seed=0)

@@ -36,7 +36,9 @@ def test_update_on_two_ranks_equals_one_rank(tmp_path, strategy, agg):
     one = run_worker(tmp_path / "one.pt", strategy, 1, agg)
     two = run_worker(tmp_path / "two.pt", strategy, 2, agg)
     for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/clipfrac", "actor/approx_kl"):
-        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-8), key
+        # abs: with symmetric advantages the pg loss cancels to ~1e-8, a sum of O(1) fp32 terms whose
+        # order (ranks, head chunks) moves it by ~1e-7
+        assert two["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-5, abs=1e-6), key
     assert one["metrics"]["actor/grad_norm"] > 0
     for name, a in one["grads"].items():
         rel = ((two["grads"][name] - a).norm() / a.norm().clamp(min=1e-12)).item()

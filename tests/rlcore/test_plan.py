@@ -96,7 +96,7 @@ def test_activations_by_hand_and_with_checkpointing():
     micro_rows = 48 // 24  # train.max_tokens_per_microbatch // (prompt + new tokens)
     update = plan.phases["update"]
     assert update["activations"] == micro_rows * 24 * (LAYERS * per_layer + (4 + 3 * 4) * H)
-    # LM head: fp32 logits of every response token kept for backward, plus one chunk's four temporaries
+    # LM head: one recomputed chunk's fp32 logits (all 16 response tokens: under a chunk) and its four temporaries
     assert update["LM head logits"] == 4 * V * (micro_rows * 8 + 4 * micro_rows * 8)
     assert "actor grads" in update  # 32 rows in 16 micro-batches: gradients accumulate under the peak
     checkpointed = plan_for("model.gradient_checkpointing=true").phases["update"]
