@@ -160,13 +160,20 @@ def _peak_rss_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
-def _alloc_peak_bytes(prof) -> int:
+def trace_events(prof) -> list[dict]:
+    """The profiler's chrome-trace events (memory events included), through a temporary file."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
-    os.remove(path)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            return json.load(f)["traceEvents"]
+    finally:
+        os.remove(path)
+
+
+def _alloc_peak_bytes(prof) -> int:
+    events = trace_events(prof)
     current = peak = 0
     for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
         if e["args"].get("Device Type", 0) == 0:  # CPU

@@ -33,7 +33,6 @@ import gc
 import json
 import os
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 
@@ -65,12 +64,7 @@ class PhaseMarks(Timer):
 def phase_peaks(prof, baseline: int) -> tuple[dict[str, dict[str, int]], int]:
     """Per phase (its last occurrence): live tensor bytes at its start and their peak inside it, from the
     running sum of the CPU allocator's events on top of `baseline`; and the final level."""
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        path = f.name
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
-    os.remove(path)
+    events = mfu.trace_events(prof)
     windows = {}
     for e in sorted((e for e in events if e.get("ph") == "X" and str(e.get("name")).startswith("phase::")),
                     key=lambda e: e["ts"]):

@@ -99,8 +99,8 @@ class CompositeReward:
     ) -> "PendingReward":
         """Start scoring: the rule rewards run in the worker processes while the caller goes on (e.g.
         with model forwards); `.result()` waits for them, then runs the model terms in the caller's
-        thread (they share its device) and returns what `__call__` returns. One batch in flight at a
-        time: a second submit waits for the first batch's rule rewards."""
+        thread (they share its device) and returns what `__call__` returns. Several batches may be
+        submitted: the workers score them one after another, in submit order."""
         n = len(responses)
         if len(prompts) != n or len(rows) != n:
             raise ValueError(f"got {len(prompts)} prompts, {n} responses, {len(rows)} rows; need one each per sample")
