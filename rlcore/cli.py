@@ -102,6 +102,7 @@ def _train(cfg, path: Path, plan) -> int:
 
     started = time.perf_counter()
     trainer = Trainer(cfg, plan, run_dir)
+    clean = False
     try:
         if resume_from is not None:
             trainer.resume(resume_from)
@@ -120,8 +121,9 @@ def _train(cfg, path: Path, plan) -> int:
         if cfg.trainer.export:
             diff = export_hf(trainer.actor.model, trainer.tokenizer, run_dir / "hf", lora_export=cfg.model.lora.export)
             summary |= {"export": str(run_dir / "hf"), "export_max_logit_diff": diff}
+        clean = True
     finally:
-        trainer.close()
+        trainer.close(clean=clean)
     summary["total_seconds"] = time.perf_counter() - started
     if main:
         write_summary(run_dir, summary)

@@ -160,11 +160,15 @@ class RolloutConfig(_Node):
     mode: str = "auto"
     """hf engine only: generate (padded), paged (continuous batching) or auto (measured faster)."""
     gpu_memory_utilization: float = 0.5
-    """vllm engine only: fraction of the GPU's memory vLLM takes for weights and KV cache; the rest
-    is the trainer's."""
+    """vllm engine on a GPU: fraction of the GPU's memory vLLM takes for weights and KV cache; the
+    rest is the trainer's."""
+    kv_cache_gb: Optional[float] = None
+    """vllm engine: KV cache size in GiB; unset = on a GPU what gpu_memory_utilization leaves after
+    the weights, on CPU enough for every sequence of a step at full length (at most 1/4 of free RAM)."""
     sleep_level: int = 1
-    """vllm engine only: while training, 1 offloads the engine's weights to CPU memory, 2 discards
-    them (the sync refills them after every wake); the KV cache is freed either way."""
+    """vllm engine on a GPU: while training, 1 offloads the engine's weights to CPU memory, 2 discards
+    them (the sync refills them after every wake); the KV cache is freed either way. vLLM's CPU build
+    has no sleep mode: its memory stays allocated."""
     dtype: Optional[str] = None
     """The engine's weight dtype (float32, bfloat16, float16); unset = model.dtype. bfloat16 with an
     fp32 actor samples the way a bf16 inference engine does (the sync casts)."""

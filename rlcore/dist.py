@@ -33,7 +33,9 @@ def is_main() -> bool:
 
 
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    """Several ranks in a process group. (One process may still have a group of its own: the vllm
+    engine starts a 1-process one for its workers; rlcore leaves it to vLLM.)"""
+    return world_size() > 1 and dist.is_available() and dist.is_initialized()
 
 
 def launch(nproc: int, argv: list[str]) -> int:

@@ -152,8 +152,8 @@ def _plan(c, s: Shape, W: int, device: str, P: int) -> "MemoryPlan":
     decode = rows * V * (4 * DECODE_COPIES + be)  # one step's (rows x V) logits, raw and fp32
     prefill = rows * P * be * (5 * s.hidden + 3 * s.mlp)  # generate prefills every row at once, layer by layer
     bucket = max(r.sync_bucket_mb * 2**20, s.largest * bp) if W > 1 else 0  # one bucket of full tensors
-    # rlcore.sync checksums each sent tensor a chunk of rows at a time: the chunk as float64, and its abs()
-    checksum = 2 * 8 * min(s.largest_2d, CHECKSUM_ROWS_ELEMENTS)
+    # rlcore.sync checksums each sent tensor a chunk of rows at a time: the chunk as float64
+    checksum = 8 * min(s.largest_2d, CHECKSUM_ROWS_ELEMENTS)
     kept = 1 + 2 * (c.algo.entropy_coef != 0)  # (chunk x V) fp32 tensors a recomputed head chunk keeps
 
     def fwd_bwd(n: int) -> dict:  # one micro-batch of n rows at its peak: the head's backward

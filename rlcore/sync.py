@@ -34,12 +34,13 @@ def stream_weights(model, bucket_mb: int, stats: dict) -> Iterator[tuple[str, to
     under two names (tied embeddings) is sent once; the engines tie it themselves.
     """
     bucket_bytes, model_type = bucket_mb * 2**20, model.config.model_type
-    bucket, size, seen = [], 0, set()
+    bucket, size, first_name = [], 0, {}
     named = merged_state(model) if is_lora(model) else model.state_dict(keep_vars=True).items()
     for name, param in named:
-        if id(param) in seen:
+        if id(param) in first_name:  # checked under both names: an engine may compute with two copies
+            stats["aliases"][name] = first_name[id(param)]
             continue
-        seen.add(id(param))
+        first_name[id(param)] = name
         nbytes = param.numel() * param.element_size()
         if bucket and size + nbytes > bucket_bytes:
             yield from _send(bucket, size, model_type, stats)
@@ -67,13 +68,16 @@ def sync_weights(model, engine, *, bucket_mb: int, verify: bool = True, dtype: t
     the engine with those sent, and stop naming the worst tensor if one differs beyond the engine
     dtype's rounding."""
     start = time.perf_counter()
-    stats = {"bytes": 0, "buckets": 0, "checksums": {}}
+    stats = {"bytes": 0, "buckets": 0, "checksums": {}, "aliases": {}}
     engine.load_weights(stream_weights(model, bucket_mb, stats))
     metrics = {"sync/bytes": float(stats["bytes"]), "sync/buckets": float(stats["buckets"]),
                "sync/max_bucket_bytes": float(stats.get("max_bucket_bytes", 0)),
                "sync/seconds": time.perf_counter() - start}
     if verify and hasattr(engine, "weight_checksums"):
         sent = stats["checksums"]
+        # A tied head is sent once but may be computed from its own packed copy (vLLM on CPU): ask
+        # for it by its own name too. _send rewrites checkpoint names, aliases are state_dict names.
+        sent |= {alias: sent[first] for alias, first in stats["aliases"].items() if first in sent}
         got = engine.weight_checksums(list(sent))
         # Casting to the engine's dtype rounds each element by up to half a unit in the last place:
         # the sum moves by at most that fraction of sum |x|.

@@ -63,10 +63,9 @@ class Trainer:
         self.engine = ENGINES[cfg.rollout.engine](
             engine_model, eos_token_ids=eos_token_ids(self.tokenizer, policy),
             pad_token_id=self.tokenizer.pad_token_id, mode=cfg.rollout.mode,
-            # the hf engine records MoE routing for replay and for moe/routing_mismatch
-            **({"record_routing": True} if is_moe and cfg.rollout.engine == "hf" and cfg.rollout.mode != "paged"
-               else {}),
-            **(vllm_options(cfg) if cfg.rollout.engine == "vllm" else {}))
+            **({"record_routing": True} if is_moe and records_routing(cfg.rollout, plan.device) else {}),
+            **(vllm_options(cfg, plan, self.train_prompts, self.eval_prompts) if cfg.rollout.engine == "vllm"
+               else {}))
         value_model = build_value(cfg, policy)  # from the whole policy, before it is sharded
         if lora:
             policy = apply_lora(policy, cfg.model.lora)
@@ -290,13 +289,30 @@ class Trainer:
         self.sampler.load_state_dict(state["data"])
         self.step = state["step"]
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Stop the reward workers and the engine. vLLM's shutdown destroys the process groups, the
+        trainer's included: after a clean run the ranks first meet (see dist.shutdown for why)."""
         self.reward_fn.close()
+        if hasattr(self.engine, "close"):
+            if clean:
+                dist.barrier()
+            self.engine.close()
 
 
-def vllm_options(cfg: RLConfig) -> dict:
+def records_routing(rollout_cfg, device: str) -> bool:
+    """Whether the engine can record MoE routing (for replay and moe/routing_mismatch): hf except in
+    its paged mode; vllm on a GPU (its CPU build cannot return routed experts)."""
+    return rollout_cfg.mode != "paged" if rollout_cfg.engine == "hf" else device == "cuda"
+
+
+def vllm_options(cfg: RLConfig, plan: Plan, train: Prompts, held_out: Prompts | None) -> dict:
+    """The vllm engine's sizes: the longest prompt of the data (not the limit) plus the response budget,
+    and every sequence of a step on this rank decoded at once."""
     r = cfg.rollout
-    return {"max_model_len": cfg.data.max_prompt_tokens + r.max_new_tokens, "seed": cfg.trainer.seed,
+    longest = max(len(ids) for prompts in (train, held_out) if prompts is not None for ids in prompts.token_ids)
+    return {"max_model_len": longest + r.max_new_tokens, "seed": cfg.trainer.seed,
+            "max_num_seqs": plan.prompts_per_rank * r.samples_per_prompt,
+            "kv_cache_bytes": None if r.kv_cache_gb is None else int(r.kv_cache_gb * 2**30),
             "gpu_memory_utilization": r.gpu_memory_utilization, "sleep_level": r.sleep_level}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,15 +68,22 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
     # --- rollout
     one_of("rollout.engine", r.engine, ENGINES)
     one_of("rollout.mode", r.mode, {"auto", "generate", "paged"})
-    need(r.engine != "vllm" or (tr.device != "cpu" and torch.cuda.is_available()),
-         "rollout.engine=vllm needs an NVIDIA GPU; use rollout.engine=hf on CPU")
+    if r.engine == "vllm":
+        from rollout.vllm_engine import NEEDS
+
+        need(importlib.util.find_spec("vllm") is not None, f"{NEEDS} (vllm is not installed here)")
+        need(tr.device != "cpu" or not torch.cuda.is_available(),
+             "rollout.engine=vllm with trainer.device=cpu on a GPU machine: vLLM would run on the GPU; "
+             "set trainer.device=auto")
     need(0 < r.gpu_memory_utilization < 1 and r.sleep_level in (1, 2),
          "rollout.gpu_memory_utilization must be in (0, 1) and rollout.sleep_level 1 or 2")
+    need(r.kv_cache_gb is None or r.kv_cache_gb > 0, "rollout.kv_cache_gb must be > 0 (or unset)")
     if r.dtype is not None:
         one_of("rollout.dtype", r.dtype, DTYPES)
-    need(not a.routing_replay or (r.engine == "hf" and r.mode != "paged"),
+    gpu = tr.device == "cuda" or (tr.device == "auto" and torch.cuda.is_available())
+    need(not a.routing_replay or (r.mode != "paged" if r.engine == "hf" else gpu),
          "algo.routing_replay=true needs the engine to record routing: rollout.engine=hf with rollout.mode "
-         "generate or auto (the paged mode does not record it)")
+         "generate or auto, or rollout.engine=vllm on a GPU (vLLM's CPU build cannot return routed experts)")
     need(a.router_aux_loss_coef >= 0, "algo.router_aux_loss_coef must be >= 0")
     need(r.samples_per_prompt >= 2 or cfg.critic.enabled,
          f"rollout.samples_per_prompt={r.samples_per_prompt}: group-relative advantages need at least 2 "
@@ -144,7 +152,6 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
         need(a.estimator != "reinforce_pp",
              "algo.estimator=reinforce_pp whitens over the batch of one rank; with several ranks use grpo, drgrpo "
              "or rloo (group statistics stay on a rank), or trainer.nproc=1")
-        need(r.engine == "hf", f"rollout.engine={r.engine!r} is not available with several ranks yet")
     need(t.prompts_per_step >= 1 and t.prompts_per_step % world_size == 0,
          f"train.prompts_per_step={t.prompts_per_step} must be a positive multiple of the rank count {world_size}")
     seqs_per_rank = t.prompts_per_step // max(world_size, 1) * r.samples_per_prompt

