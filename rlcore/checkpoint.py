@@ -155,6 +155,17 @@ def load_checkpoint_model(ckpt: Path):
     return model
 
 
+def _untied(model):
+    """A copy of a tied model with the head as a tensor of its own (same values): what a model class that
+    never ties (vLLM's DeepSeek) needs in the files. Only small models are tied this way (rlcore's tiny)."""
+    import copy
+
+    untied = copy.deepcopy(model)
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.get_input_embeddings().weight.detach().clone())
+    return untied
+
+
 def export_hf(model, tokenizer, out_dir: Path, *, atol: float | None = None, lora_export: str = "merged") -> float:
     """Write a Hugging Face folder and check it: reload it and compare logits on a few tokens.
 
@@ -167,6 +178,7 @@ def export_hf(model, tokenizer, out_dir: Path, *, atol: float | None = None, lor
     from transformers import AutoModelForCausalLM
 
     from rlcore.lora import is_lora, merged_model
+    from rollout.vllm_engine import UNTIED_HEAD_TYPES, vllm_readable
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -180,6 +192,9 @@ def export_hf(model, tokenizer, out_dir: Path, *, atol: float | None = None, lor
         adapted = model if is_lora(model) else None
         if adapted is not None and lora_export == "merged":
             model = merged_model(adapted)
+        if model.config.model_type in UNTIED_HEAD_TYPES and model.config.tie_word_embeddings:
+            model = _untied(model)  # vLLM would not tie them (real DeepSeek checkpoints are untied)
+        vllm_readable(model.config)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if adapted is not None and lora_export == "adapter":

@@ -38,6 +38,8 @@ _TAGS = ("weights", "kv_cache")  # LLM.wake_up tags (entrypoints/llm.py); "sched
 # v1/worker/cpu_worker.py): restored afterwards, so reward workers and sandboxes started later do not
 # inherit vLLM's LD_PRELOAD, torchrun's LOCAL_WORLD_SIZE stays true, and set_num_threads keeps working.
 _RESTORED_ENV = ("LD_PRELOAD", "LOCAL_WORLD_SIZE")
+CPU_KV_BLOCK_TOKENS = 128
+"""Tokens per KV block of vLLM's CPU attention (its default block size there); sizes round up to it."""
 CPU_KV_CACHE_FRACTION = 0.25
 """On CPU the default KV cache holds every sequence of a generate call at full length, but never more
 than this fraction of the host memory available when the engine starts."""
@@ -313,8 +315,9 @@ class VLLMEngine:
 
 
 def cpu_kv_cache_bytes(config, dtype: torch.dtype, max_model_len: int, max_num_seqs: int) -> int:
-    """KV cache for max_num_seqs sequences of max_model_len tokens (K and V per layer and KV head),
-    capped at CPU_KV_CACHE_FRACTION of the available host memory (never below one sequence)."""
+    """KV cache for max_num_seqs sequences of max_model_len tokens (K and V per layer and KV head, whole
+    blocks), at least 64 MiB, capped at CPU_KV_CACHE_FRACTION of the available host memory (never
+    below one sequence)."""
     import psutil  # a vLLM dependency
 
     text = config.get_text_config()
@@ -323,9 +326,10 @@ def cpu_kv_cache_bytes(config, dtype: torch.dtype, max_model_len: int, max_num_s
         per_token = text.kv_lora_rank + text.qk_rope_head_dim
     else:
         per_token = 2 * (getattr(text, "num_key_value_heads", None) or text.num_attention_heads) * head_dim
-    per_seq = per_token * text.num_hidden_layers * dtype.itemsize * max_model_len
+    blocks = -(-max_model_len // CPU_KV_BLOCK_TOKENS)  # vLLM allocates whole blocks
+    per_seq = per_token * text.num_hidden_layers * dtype.itemsize * blocks * CPU_KV_BLOCK_TOKENS
     cap = int(psutil.virtual_memory().available * CPU_KV_CACHE_FRACTION)
-    return max(per_seq, min(per_seq * max_num_seqs, cap))
+    return max(per_seq, min(max(per_seq * max_num_seqs, 64 * 2**20), cap))
 
 
 def _check_cpu_head_size(config) -> None:
@@ -353,6 +357,11 @@ def _check_cpu_head_size(config) -> None:
                          f"a supported size ({hint})")
 
 
+UNTIED_HEAD_TYPES = frozenset({"deepseek_v2", "deepseek_v3"})
+"""Model types whose vLLM class has an LM head of its own whatever tie_word_embeddings says
+(models/deepseek_v2.py): a tied checkpoint of these leaves vLLM's head unloaded (it decodes token 0)."""
+
+
 def vllm_readable(config) -> None:
     """Config fields vLLM needs that transformers leaves implicit. DeepSeek-V3: vLLM creates the router's
     e_score_correction_bias only for topk_method == "noaux_tc" (models/deepseek_v2.py), which is the
@@ -363,13 +372,14 @@ def vllm_readable(config) -> None:
 
 def _build_llm(llm_class, options: dict):
     """vllm.LLM(**options), undoing the process-wide changes vLLM's CPU platform makes (_RESTORED_ENV,
-    torch.set_num_threads turned into a no-op that logs a warning)."""
+    torch.set_num_threads turned into a no-op that logs a warning, the thread count set to 1)."""
     saved_env = {key: os.environ.get(key) for key in _RESTORED_ENV}
-    set_num_threads = torch.set_num_threads
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
     try:
         return llm_class(**options)
     finally:
         torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)  # vLLM drops to 1 "for serving": the trainer keeps its own choice
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -426,14 +436,14 @@ def _reload(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> list[str]:
         # Parameters to load: those of the live model (a tied head counted once) that exist in checkpoint
         # layout too (not the ones post-load processing derives, e.g. MLA's W_UK_T).
         live = {n for n, _ in model.named_parameters()}
+        if worker.vllm_config.device_config.device_type == "cpu":
+            _forget_cpu_moe_kernels(model)
         initialize_layerwise_reload(model)
         expected = [n for n, _ in model.named_parameters() if n in live]
         loaded = model.load_weights(weights)
         finalize_layerwise_reload(model, worker.vllm_config.model_config)
         for layer in _tied_layers(model):
             layer.quant_method.process_weights_after_loading(layer)
-        if worker.vllm_config.device_config.device_type == "cpu":
-            _prepack_cpu_experts(model)
     if loaded is None:
         return []
     return sorted(n for n in expected
@@ -449,17 +459,17 @@ def _has_own_head(model: torch.nn.Module) -> bool:
                    if not name.startswith("lm_head."))
 
 
-def _prepack_cpu_experts(model: torch.nn.Module) -> None:
-    """Redo the CPU MoE kernel's prepack of freshly reloaded experts. vLLM (0.32 to 0.34 at least,
-    UnquantizedFusedMoEMethod._setup_kernel) runs the experts kernel's own post-load step only at the
-    first load, not on a weight update; on CPU that step packs w13/w2 into the grouped-GEMM layout,
-    so an update left the kernel reading plain weights as packed ones (1-2 nats per token off, no
-    error). The prepack reads the live (now plain) tensors and replaces them."""
+def _forget_cpu_moe_kernels(model: torch.nn.Module) -> None:
+    """Make the reload process MoE experts as a first load does. vLLM (0.32 to 0.34 at least,
+    UnquantizedFusedMoEMethod._setup_kernel) treats a layer whose kernel exists as a weight update and
+    then skips the experts kernel's own post-load step; on CPU that step pads the expert width to 32
+    and packs w13/w2 into the grouped-GEMM layout, so an update either failed on the padded shape or
+    left the kernel reading plain weights as packed ones (1-2 nats per token off, no error). Without a
+    kernel the method pads, packs and builds a new one, and the reload copies the result in place."""
     for module in model.modules():
-        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
-        experts = getattr(kernel, "fused_experts", None)
-        if experts is not None and hasattr(experts, "process_weights_after_loading"):
-            experts.process_weights_after_loading(module)
+        method = getattr(module, "quant_method", None)
+        if getattr(method, "moe_kernel", None) is not None:
+            method.moe_kernel = None
 
 
 def _tied_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -187,8 +187,8 @@ def test_process_wide_state_is_restored(engine):
     engine undoes that."""
     assert "libgomp" not in os.environ.get("LD_PRELOAD", "") and "tcmalloc" not in os.environ.get("LD_PRELOAD", "")
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    assert torch.get_num_threads() == 1
+    torch.set_num_threads(threads + 1)
+    assert torch.get_num_threads() == threads + 1
     torch.set_num_threads(threads)
 
 
