@@ -158,8 +158,12 @@ class VLLMEngine:
             generation_config="vllm",  # no sampling defaults from the model folder
             enable_return_routed_experts=record_routing,
             **({"max_num_seqs": max_num_seqs} if max_num_seqs else {}),
-            # CPU: torch.compile costs minutes at start and gains little at the sizes a CPU trains
-            **({"enforce_eager": True} if self.on_cpu else {}),
+            # CPU: torch.compile costs minutes at start and gains little at the sizes a CPU trains; no
+            # chunked prefill, as a split prompt of a seeded request makes vLLM rewind a CPU generator's
+            # offset, which CPU generators do not have ("CPU Generator does not use offset", 0.32)
+            **({"enforce_eager": True, "enable_chunked_prefill": False,
+                "max_num_batched_tokens": max(4096, max_model_len or config.max_position_embeddings)}
+               if self.on_cpu else {}),
             **({"distributed_executor_backend": "external_launcher"} if tensor_parallel_size > 1 else {}),
         )
         _quiet_vllm()
