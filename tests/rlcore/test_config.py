@@ -106,6 +106,13 @@ def test_validate_names_the_key_to_change(override, key):
         validate(cfg)
 
 
+def test_output_dir_naming_an_existing_file_names_the_key(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    cfg, _ = compose(None, [f"trainer.output_dir={tmp_path / 'notes.txt'}"])
+    with pytest.raises(ConfigError, match=r"trainer\.output_dir=.*notes\.txt' is an existing file"):
+        validate(cfg)
+
+
 def test_missing_reward_file_fails_before_training(tmp_path):
     cfg, _ = compose(None, ["reward.terms=[{name: 'python:missing_reward.py:score'}]"])
     with pytest.raises(ConfigError) as e:
