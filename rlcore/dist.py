@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -39,20 +40,35 @@ def active() -> bool:
 def launch(nproc: int, argv: list[str], *, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()) -> int:
     """Run `rlcore <argv>` as nproc ranks under torchrun; returns its exit code. `pass_fds` stay open
     in torchrun (the run folder's lock). On Ctrl-C (which reaches torchrun and the ranks too, one
-    process group) this waits for them to stop cleanly instead of killing torchrun, which would
-    orphan the ranks."""
+    process group) this waits for them to stop instead of killing torchrun, which would orphan the
+    ranks, and stops relaying their stderr: torchrun answers SIGINT with a traceback of its own,
+    while the launcher prints the one line that says where the run stopped."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "rlcore", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads_per_rank(nproc))),
            **(env or {})}
     for fd in pass_fds:
         os.set_inheritable(fd, True)
-    proc = subprocess.Popen(cmd, env=env, pass_fds=pass_fds)
+    proc = subprocess.Popen(cmd, env=env, pass_fds=pass_fds, stderr=subprocess.PIPE)
+    interrupted = threading.Event()
+    relay = threading.Thread(target=_relay, args=(proc.stderr, interrupted), daemon=True)
+    relay.start()
     try:
-        return proc.wait()
+        code = proc.wait()
     except KeyboardInterrupt:
+        interrupted.set()
         proc.wait()  # a second Ctrl-C exits this process at once (rlcore.interrupts)
         raise
+    relay.join()
+    return code
+
+
+def _relay(stream, interrupted: threading.Event) -> None:
+    """Copy the ranks' stderr to ours, line by line, until an interrupt."""
+    for line in iter(stream.readline, b""):
+        if not interrupted.is_set():
+            sys.stderr.buffer.write(line)
+            sys.stderr.flush()
 
 
 def _threads_per_rank(nproc: int) -> int:
