@@ -75,7 +75,7 @@ def train(args: list[str]) -> int:
     recipe = args[0] if args and "=" not in args[0] else None
     overrides = args[1:] if recipe else args
     cfg, path = compose(recipe, overrides)
-    from rlcore import dist
+    from rlcore import dist, runlock
     from rlcore.config import freeze
     from rlcore.validate import validate
 
@@ -95,6 +95,9 @@ def train(args: list[str]) -> int:
     except BaseException:
         dist.shutdown(clean=False)  # the other ranks may be inside a collective: no barrier
         raise
+    finally:
+        if run.run_dir is not None:  # a long-lived caller (a notebook) must not keep the folder locked
+            runlock.release(run.run_dir)
     dist.shutdown()
     return code
 
@@ -116,6 +119,8 @@ def _launch(cfg, path: Path, args: list[str]) -> int:
     except KeyboardInterrupt:  # the ranks have stopped: say where, once
         print(interrupts.stopped_line(run), file=sys.stderr)
         return interrupts.EXIT_CODE
+    finally:
+        runlock.release(run_dir)
 
 
 def _default_run_dir(path: Path) -> str:

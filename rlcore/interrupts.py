@@ -69,8 +69,12 @@ def stopped_line(run: RunState) -> str:
     if run.run_dir is None:
         return "interrupted before the run folder was set up; nothing to resume"
     done = _steps_done(run)
-    where = f"interrupted in step {done + 1}/{run.total_steps} (steps 1-{done} done)" if done else \
-        f"interrupted before step 1/{run.total_steps} finished"
+    if done >= run.total_steps:
+        where = f"interrupted after the last step ({done}/{run.total_steps}), before the export was complete"
+    elif done:
+        where = f"interrupted in step {done + 1}/{run.total_steps} (steps 1-{done} done)"
+    else:
+        where = f"interrupted before step 1/{run.total_steps} finished"
     saved = checkpoint_dirs(run.run_dir)
     resume = shlex.join(["rlcore", "train", *_resume_args(run.args, run.run_dir)])
     if not saved:
