@@ -49,7 +49,7 @@ class UpdateGuard:
 
     def _message(self, loss: float, grad_norm: float) -> str:
         if self.last_finite is None:
-            last = "no update of this run was finite"
+            last = "no update since the run (re)started was finite"
         else:
             step, last_loss, last_norm = self.last_finite
             last = f"the last finite one was at RL step {step} (loss {last_loss:.6g}, grad norm {last_norm:.6g})"
