@@ -4,8 +4,9 @@ A checkpoint folder is complete when its manifest.json verifies: every file it l
 size and checksum. Before this, a folder counted as complete once state.json existed, so a truncated
 `.distcp` shard or a missing `.metadata` in the newest checkpoint crashed resume and export with a
 traceback. The ranks hash (and verify) an equal share of the files each, so the cost per rank falls
-as ranks are added: SHA-256 runs at about 0.9 GB/s per core here (SHA-NI), about 15 s per rank for a
-7B model's 112 GB of fp32 weights and AdamW state on 8 ranks, read back from the page cache.
+as ranks are added: SHA-256 ran at about 0.9 GB/s per core on the dev machine (SHA-NI), so a 7B
+model's 112 GB of fp32 weights and AdamW state on 8 ranks would take about 15 s per rank (estimated
+from that rate, reading from the page cache).
 
 Checkpoints written before manifests existed ("legacy": state.json without "format") are accepted
 after a structural check (their required files are present), with a warning that they could not be
