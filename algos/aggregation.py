@@ -116,19 +116,21 @@ def seq_mean_token_mean(loss_mat: Tensor, mask: Tensor, *, num_tokens: Count = N
 @register(AGGREGATIONS, "seq-mean-token-sum-norm")
 def seq_mean_token_sum_norm(loss_mat: Tensor, mask: Tensor, *, num_tokens: Count = None, num_seqs: Count = None,
                             norm_len: Count = None) -> Tensor:
-    """Σ_{b,t} l·m / K, K = `norm_len` or T = mask.shape[-1] (spec §1.7, §2.4).
+    """Σ_{b,t} l·m / (N_seq · K), N_seq = `num_seqs` or #{b : L_b > 0}, K = `norm_len` or T = mask.shape[-1]
+    (spec §1.7, §2.4).
 
-    Dr.GRPO (arXiv 2503.20783): Σ_i Σ_t l_{i,t} / MAX_TOKENS instead of GRPO's 1/G Σ_i 1/|o_i| Σ_t.
+    Dr.GRPO (arXiv 2503.20783): 1/G Σ_i Σ_t l_{i,t} / MAX_TOKENS instead of GRPO's 1/G Σ_i 1/|o_i| Σ_t.
+    Agrees with verl's `agg_loss` and TRL's `dr_grpo` (B x max_completion_length).
 
     loss_mat, mask: (B, T) -> scalar. Dr.GRPO replaces 1/|o_i| by a constant (the max generation
-    length); like verl, the sum is NOT divided by the number of sequences (TRL's `dr_grpo` also
-    divides by B). K is already batch-independent, so micro-batch invariance needs no global count,
-    but it does need the same K in every micro-batch: pass `norm_len` when micro-batches are padded
-    to different T. `num_tokens`, `num_seqs` are ignored.
+    length) and keeps the mean over the sequences. Micro-batch and rank invariance need the global
+    N_seq (`num_seqs`) and the same K in every micro-batch: pass `norm_len` when micro-batches are
+    padded to different T. `num_tokens` is ignored.
     """
     m = mask.to(loss_mat.dtype)
     k = mask.shape[-1] if norm_len is None else norm_len
-    return (loss_mat * m).sum() / k
+    nonempty = (m.sum(-1) > 0).to(loss_mat.dtype)  # (B,)
+    return (loss_mat * m).sum() / (_denominator(num_seqs, nonempty.sum()) * k)
 
 
 def aggregate(loss_mat: Tensor, mask: Tensor, mode: str, *, num_tokens: Count = None, num_seqs: Count = None,

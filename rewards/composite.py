@@ -7,7 +7,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from rewards.model_terms import MODEL_REWARDS, build_model_term, step_metrics
@@ -34,6 +34,8 @@ class RewardResult:
     step_scores / step_char_ends: with a dense prm term, per sample and step, the step score times
     the term's weight and the step's end offset in the response text; None otherwise. A dense term
     adds nothing to `scores`.
+    first_errors: component key -> the first error (or timeout) message of this batch, for the keys
+    that had one.
     """
 
     scores: list[float]
@@ -41,6 +43,7 @@ class RewardResult:
     metrics: dict[str, float]
     step_scores: list[list[float]] | None = None
     step_char_ends: list[list[int]] | None = None
+    first_errors: dict[str, str] = field(default_factory=dict)
 
 
 class CompositeReward:
@@ -127,10 +130,13 @@ class CompositeReward:
         components = {key: [0.0] * n for key in self.keys}
         errors = {key: [] for key in self.keys}
         timeouts = dict.fromkeys(self.keys, 0)
+        first_errors: dict[str, str] = {}
         for t, (value, error, timed_out) in enumerate(outcomes):
             i, c = divmod(t, num_rules)
             key = self.keys[self._rule_terms[c]]
             components[key][i] = value
+            if error is not None:
+                first_errors.setdefault(key, error)
             if timed_out:
                 timeouts[key] += 1
             elif error is not None:
@@ -158,7 +164,8 @@ class CompositeReward:
         outcome_terms = [(key, w) for c, (key, w) in enumerate(zip(self.keys, self.weights)) if c != self._dense]
         scores = [sum(w * components[key][i] for key, w in outcome_terms) for i in range(n)]
         return RewardResult(scores=scores, components=components, metrics=metrics,
-                            step_scores=steps[0] if steps else None, step_char_ends=steps[1] if steps else None)
+                            step_scores=steps[0] if steps else None, step_char_ends=steps[1] if steps else None,
+                            first_errors=first_errors)
 
     @property
     def is_dense(self) -> bool:

@@ -18,6 +18,7 @@ from algos import KL_ESTIMATORS, POLICY_LOSSES, aggregate
 from rlcore.batch import TrainBatch, split_by_tokens
 from rlcore.config import RLConfig
 from rlcore import dist
+from rlcore.guard import UpdateGuard
 from rlcore.logprobs import ResponseScorer, response_logprobs
 from rlcore.moe import LoadStats, MoEForward
 from rlcore.sharding import scalar
@@ -81,6 +82,7 @@ class Actor:
         self.scorer = scorer if scorer is not None else ResponseScorer(model)
         self.seqs_per_minibatch = seqs_per_minibatch
         self.optimizer, self.scheduler = build_optimizer(model, cfg)
+        self.guard = UpdateGuard("actor", cfg.train.max_nonfinite_updates)
         self.is_moe = bool(routers(model))
         self._load: LoadStats | None = None  # expert load over one update's forwards (MoE)
 
@@ -116,7 +118,7 @@ class Actor:
                 for k, v in stats.items():
                     sums[k] += v
                 num_updates += 1
-        metrics = {f"actor/{k}": v / num_updates for k, v in sums.items()}
+        metrics = {f"actor/{k}": v if k == "skipped_steps" else v / num_updates for k, v in sums.items()}
         metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
         if self._load is not None:  # expert load over the update; routing mismatch if it was the old pass
             metrics |= self._load.metrics()
@@ -136,6 +138,7 @@ class Actor:
         num_tokens = max(float(counts["num_tokens"]), 1.0)
         device = next(self.model.parameters()).device
         stats: dict[str, float] = defaultdict(float)
+        total_loss = 0.0  # this rank's part of the mini-batch loss, every term included
         self.optimizer.zero_grad(set_to_none=True)
         for idx in micro_batches(mini.prompt_ids, mini.mask, t.max_tokens_per_microbatch):
             micro = mini.select(idx)
@@ -174,12 +177,24 @@ class Actor:
                 loss = loss + a.router_aux_loss_coef * share * moe.aux_loss
                 stats["router_aux_loss"] += moe.aux_loss.item() * share
             (loss * dist.world_size()).backward()  # FSDP averages over ranks; the losses add up (rlcore.sharding)
+            total_loss += loss.item()
             stats["pg_loss"] += pg_loss.item()
             stats["entropy"] += float((entropy.detach() * mask).sum()) / num_tokens
             for k, v in pg_stats.items():
                 stats[k] += v * share
         max_norm = t.max_grad_norm if t.max_grad_norm > 0 else float("inf")
         stats["grad_norm"] = scalar(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        self.optimizer.step()
-        self.scheduler.step()
+        stats["skipped_steps"] += float(step_unless_nonfinite(self.optimizer, self.scheduler, self.guard,
+                                                              total_loss, stats["grad_norm"]))
         return stats
+
+
+def step_unless_nonfinite(optimizer, scheduler, guard: UpdateGuard, loss: float, grad_norm: float) -> bool:
+    """Apply the accumulated gradients unless the loss or gradient norm is non-finite on some rank; then
+    drop them and leave optimizer and schedule untouched (the update never happened). True if skipped."""
+    if guard.should_skip(loss, grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return True
+    optimizer.step()
+    scheduler.step()
+    return False

@@ -9,15 +9,25 @@
 
 from __future__ import annotations
 
+from rlcore.cpu import apply_cpu_defaults
+
+apply_cpu_defaults()  # before anything below imports torch (its OpenMP runtime reads them once, at load)
+
 import json
 import sys
 import time
 from pathlib import Path
 
+from rlcore import interrupts
 from rlcore.data import DataError
+from rlcore.guard import NonFiniteError, RewardTermFailed
+from rlcore.manifest import DamagedCheckpoint
 from rlcore.recipe import ConfigError, builtin_recipes, compose, field_docs, recipes_dir, to_yaml
+from rlcore.runlock import RunFolderBusy
 
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError)
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, FileExistsError, RunFolderBusy, DamagedCheckpoint)
+# The run stopped itself rather than train on garbage: the message says why and what to change.
+RUN_STOPS = (NonFiniteError, RewardTermFailed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RUN_STOPS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the run started (composing, validating): nothing to resume
+        print("interrupted", file=sys.stderr)
+        return interrupts.EXIT_CODE
     print(f"error: unknown command {command!r}\n\n{__doc__.strip()}", file=sys.stderr)
     return 2
 
@@ -59,31 +75,65 @@ def train(args: list[str]) -> int:
     recipe = args[0] if args and "=" not in args[0] else None
     overrides = args[1:] if recipe else args
     cfg, path = compose(recipe, overrides)
-    from rlcore import dist
+    from rlcore import dist, runlock
     from rlcore.config import freeze
     from rlcore.validate import validate
 
     if cfg.trainer.nproc > 1 and dist.world_size() == 1:  # launch the ranks: this same command under torchrun
         validate(cfg, world_size=cfg.trainer.nproc)  # fail here, once, before any process starts
-        return dist.launch(cfg.trainer.nproc, ["train", *args])
+        return _launch(cfg, path, args)
     plan = validate(cfg, world_size=dist.world_size())  # before any model loads
     freeze(cfg)
     dist.init(plan.device)
+    run = interrupts.RunState(args=args, total_steps=cfg.trainer.total_steps)
     try:
-        code = _train(cfg, path, plan)
+        with interrupts.second_interrupt_exits():
+            code = _train(cfg, path, plan, run)
+    except KeyboardInterrupt:
+        dist.shutdown(clean=False)
+        return interrupts.EXIT_CODE
     except BaseException:
         dist.shutdown(clean=False)  # the other ranks may be inside a collective: no barrier
         raise
+    finally:
+        if run.run_dir is not None:  # a long-lived caller (a notebook) must not keep the folder locked
+            runlock.release(run.run_dir)
     dist.shutdown()
     return code
 
 
-def _train(cfg, path: Path, plan) -> int:
+def _launch(cfg, path: Path, args: list[str]) -> int:
+    """trainer.nproc=N: lock the run folder here (the ranks inherit the lock through torchrun) and
+    start the ranks, naming the folder for them when the config does not."""
+    from rlcore import dist, runlock
+
+    run_dir = Path(cfg.trainer.output_dir or _default_run_dir(path))
+    fd = runlock.acquire(run_dir)
+    if not cfg.trainer.output_dir:
+        args = [*args, f"trainer.output_dir={run_dir}"]
+    run = interrupts.RunState(args=args, total_steps=cfg.trainer.total_steps, run_dir=run_dir)
+    try:
+        with interrupts.second_interrupt_exits():
+            return dist.launch(cfg.trainer.nproc, ["train", *args], env=runlock.env_for_children(run_dir),
+                               pass_fds=(fd,))
+    except KeyboardInterrupt:  # the ranks have stopped: say where, once
+        print(interrupts.stopped_line(run), file=sys.stderr)
+        return interrupts.EXIT_CODE
+    finally:
+        runlock.release(run_dir)
+
+
+def _default_run_dir(path: Path) -> str:
+    return f"runs/{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _train(cfg, path: Path, plan, run) -> int:
     from rlcore import dist
 
     # One run folder for all ranks: rank 0 names it (the default carries the time).
-    default = f"runs/{path.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.trainer.output_dir or dist.broadcast_object(default))
+    run_dir = Path(cfg.trainer.output_dir or dist.broadcast_object(_default_run_dir(path)))
+    run.run_dir = run_dir
+    _lock(run_dir)  # before anything in the folder is read or written
     resume_from = _resume_point(cfg.trainer.resume, run_dir)
     if resume_from is None and (run_dir / "hf").exists():
         raise ConfigError(f"{run_dir} already holds a finished run (hf/); set trainer.output_dir to a new folder")
@@ -92,43 +142,71 @@ def _train(cfg, path: Path, plan) -> int:
         return 0
     main = dist.is_main()
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         _write_config(run_dir, to_yaml(cfg))
     dist.barrier()
 
-    from rlcore.checkpoint import export_hf
+    from rlcore.export import export_hf
     from rlcore.metrics import Tracker
     from rlcore.trainer import Trainer, write_summary
 
     started = time.perf_counter()
-    trainer = Trainer(cfg, plan, run_dir)
-    clean = False
+    trainer, clean = None, False
     try:
+        trainer = run.trainer = Trainer(cfg, plan, run_dir)
         if resume_from is not None:
             trainer.resume(resume_from)
             print(f"resumed from {resume_from} (step {trainer.step})", file=sys.stderr)
         if main:
-            params = sum(p.numel() for p in trainer.actor.model.parameters())
-            ranks = f" x {plan.world_size} ranks ({cfg.trainer.sharding})" if plan.world_size > 1 else ""
-            print(f"run folder {run_dir} | {params / 1e6:.2f}M parameters on {plan.device}{ranks} | "
-                  f"{len(trainer.train_prompts)} prompts ({trainer.train_prompts.num_dropped} dropped as too long)",
-                  file=sys.stderr)
+            _print_start(cfg, plan, trainer, run_dir)
         tracker = Tracker(run_dir, total_steps=cfg.trainer.total_steps, start_step=trainer.step, enabled=main)
         try:
             summary = trainer.fit(tracker)
         finally:
             tracker.close()
         if cfg.trainer.export:
-            diff = export_hf(trainer.actor.model, trainer.tokenizer, run_dir / "hf", lora_export=cfg.model.lora.export)
+            diff = export_hf(trainer.actor.model, trainer.tokenizer, run_dir / "hf", lora_export=cfg.model.lora.export,
+                             probe_texts=trainer.probe_texts(), trust_remote_code=cfg.model.trust_remote_code)
             summary |= {"export": str(run_dir / "hf"), "export_max_logit_diff": diff}
         clean = True
+    except KeyboardInterrupt:
+        if main and not interrupts.launched_by_rlcore():  # with trainer.nproc the launcher says it
+            print(interrupts.stopped_line(run), file=sys.stderr, flush=True)
+        raise
     finally:
-        trainer.close(clean=clean)
+        if trainer is not None:
+            trainer.close(clean=clean)
     summary["total_seconds"] = time.perf_counter() - started
     if main:
         write_summary(run_dir, summary)
         _print_summary(summary, run_dir)
     return 0
+
+
+def _print_start(cfg, plan, trainer, run_dir: Path) -> None:
+    params = sum(p.numel() for p in trainer.actor.model.parameters())
+    ranks = f" x {plan.world_size} ranks ({cfg.trainer.sharding})" if plan.world_size > 1 else ""
+    p = trainer.train_prompts
+    unencodable = f", {p.num_unencodable} with characters the tokenizer cannot encode" if p.num_unencodable else ""
+    print(f"run folder {run_dir} | {params / 1e6:.2f}M parameters on {plan.device}{ranks} | "
+          f"{len(p)} prompts ({p.num_dropped} dropped as too long{unencodable})", file=sys.stderr)
+    for prompts in (p, trainer.eval_prompts):
+        if prompts is not None and prompts.unencodable_note:
+            print(f"warning: {prompts.num_unencodable} prompts dropped; {prompts.unencodable_note}", file=sys.stderr)
+
+
+def _lock(run_dir: Path) -> None:
+    """Rank 0 locks the run folder (unless the launcher holds it); every rank raises alike if taken."""
+    from rlcore import dist, runlock
+
+    error = None
+    if dist.is_main():
+        try:
+            runlock.acquire(run_dir)
+        except runlock.RunFolderBusy as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise runlock.RunFolderBusy(error)
 
 
 def plan(args: list[str]) -> int:
@@ -165,17 +243,32 @@ def _gib(value: str) -> float:
 
 
 def _resume_point(resume: str, run_dir: Path) -> Path | None:
-    from rlcore.checkpoint import checkpoint_dirs
+    """The checkpoint to resume from: with auto the newest that verifies (saying which newer ones were
+    skipped and why), a named one only if it verifies. Every rank calls it (the files are checked in
+    shares)."""
+    from rlcore import dist
+    from rlcore.checkpoint import checkpoint_dirs, newest_verified
+    from rlcore.manifest import DamagedCheckpoint, verify
 
     existing = checkpoint_dirs(run_dir)
-    if resume == "auto":
-        return existing[-1] if existing else None
     if resume == "never":
         if existing:
             raise ConfigError(f"{run_dir} already holds checkpoints; set trainer.resume=auto to continue it, "
                               "or trainer.output_dir to a new folder")
         return None
-    return Path(resume)
+    if resume != "auto":
+        if not verify(Path(resume)) and dist.is_main():
+            print(f"warning: {resume} has no manifest (written before rlcore verified checkpoints); loading it "
+                  "unverified", file=sys.stderr)
+        return Path(resume)
+    found, notes = newest_verified(run_dir)
+    if dist.is_main():
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+    if found is None and existing:
+        raise DamagedCheckpoint(f"no checkpoint in {run_dir / 'checkpoints'} verifies ({'; '.join(notes)}); move "
+                                "them away to start over, or set trainer.output_dir to a new folder")
+    return found
 
 
 def _write_config(run_dir: Path, text: str) -> None:
@@ -224,18 +317,26 @@ def export(args: list[str]) -> int:
     if len(args) != 2:
         print("usage: rlcore export RUN_OR_CHECKPOINT OUT", file=sys.stderr)
         return 2
-    from rlcore.checkpoint import checkpoint_dirs, export_hf, load_checkpoint_model
+    from rlcore.checkpoint import checkpoint_dirs, load_checkpoint_model, newest_verified
+    from rlcore.export import export_hf
+    from rlcore.manifest import MANIFEST, DamagedCheckpoint
     from rlcore.models import load_tokenizer
 
     source, out = Path(args[0]), Path(args[1])
-    if not (source / "dcp").is_dir():
-        found = checkpoint_dirs(source)
-        if not found:
+    is_checkpoint = any((source / name).exists() for name in ("dcp", "state.json", MANIFEST))
+    if not is_checkpoint:  # a run folder: its newest checkpoint that verifies
+        found, notes = newest_verified(source)
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
+        if found is None and checkpoint_dirs(source):
+            raise DamagedCheckpoint(f"no checkpoint of {source} verifies: {'; '.join(notes)}")
+        if found is None:
             raise FileNotFoundError(f"{source} is neither a checkpoint folder nor a run folder with checkpoints")
-        source = found[-1]
-    model = load_checkpoint_model(source)
+        source = found
+    model = load_checkpoint_model(source)  # verifies it: a damaged file is named
     tokenizer = load_tokenizer(str(source / "model"), trust_remote_code=False)
-    diff = export_hf(model, tokenizer, out)
+    probe_texts = json.loads((source / "state.json").read_text()).get("probe_texts", [])
+    diff = export_hf(model, tokenizer, out, probe_texts=probe_texts)
     print(json.dumps({"checkpoint": str(source), "export": str(out), "max_logit_diff": diff}))
     return 0
 

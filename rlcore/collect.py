@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +42,8 @@ class Collected:
     """(prompt, response, reward) of the first samples, for the TensorBoard text."""
     steps: StepRewards | None = None
     """With a dense process reward: the kept samples' weighted step scores and step-end tokens."""
+    reward_errors: dict[str, str] = field(default_factory=dict)
+    """Reward component key -> the first error (or timeout) message of this step, where there was one."""
 
 
 class Collecting:
@@ -105,7 +107,7 @@ def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, ti
         def finish() -> Collected:
             s = score(r)
             return Collected(batch, s.scores, _reward_metrics([r], [s]), list(r.idx), _examples(r, s),
-                             StepRewards.from_lists(s.steps) if s.steps else None)
+                             StepRewards.from_lists(s.steps) if s.steps else None, _first_errors([s]))
         if not overlap:
             done = finish()
             return Collecting(batch, lambda: done)
@@ -148,7 +150,7 @@ def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, ti
         kept_samples, kept_scores, kept_steps = r.samples, list(s.scores.view(len(r.idx), n)), s.steps or []
     batch = RolloutBatch.from_samples(kept_prompts, kept_samples)
     done = Collected(batch, torch.cat(kept_scores), metrics, drawn, _examples(rounds[0], scored[0]),
-                     StepRewards.from_lists(kept_steps) if kept_steps else None)
+                     StepRewards.from_lists(kept_steps) if kept_steps else None, _first_errors(scored))
     return Collecting(batch, lambda: done)
 
 
@@ -165,6 +167,14 @@ def _score(r: _Round, cfg, tokenizer, timer) -> _Scored:
     flat = [s for group in r.samples for s in group]
     steps = _steps(result, flat, tokenizer) if result.step_scores is not None else None
     return _Scored(scores, result, penalty, steps)
+
+
+def _first_errors(scored: list[_Scored]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for s in scored:
+        for key, error in s.result.first_errors.items():
+            out.setdefault(key, error)
+    return out
 
 
 def _examples(r: _Round, s: _Scored) -> list[tuple[str, str, float]]:
@@ -199,7 +209,7 @@ def _reward_metrics(rounds: list[_Round], scored: list[_Scored]) -> dict[str, fl
                 other[key].append(value)
     first = next(iter(components.values()))
     metrics = {"reward/mean": t.mean().item(), "reward/std": t.std().item() if len(t) > 1 else 0.0,
-               "reward/accuracy": float(sum(first) / len(first)),
+               "reward/accuracy": float(sum(first) / len(first)), "reward/samples": float(len(t)),
                "perf/reward_seconds": sum(r.reward.rule_seconds for r in rounds)}
     metrics |= {f"reward/{key}/mean": sum(v) / len(v) for key, v in components.items()}
     counts = ("/errors", "/timeouts", "/no_step_samples")

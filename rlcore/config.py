@@ -301,6 +301,10 @@ class RewardConfig(_Node):
     """A reward call running longer scores 0 and is counted (reward/<name>/timeouts)."""
     num_workers: int = 2
     """Reward worker processes."""
+    max_failed_steps: int = 3
+    """Stop the run when a reward term fails (raises, returns a non-number or times out) on every
+    sample of this many steps in a row, with that term's error (0 = never stop). Failures on some
+    samples only cost those samples their reward (reward/<name>/errors, /timeouts)."""
     overlap: Optional[bool] = None
     """Score the rule rewards in the workers while the model passes run (reference, critic, old
     log-probs; not with dynamic sampling). Unset: when that leaves the workers cores of their own, on
@@ -344,6 +348,10 @@ class TrainConfig(_Node):
     """AdamW weight decay."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (0 = off)."""
+    max_nonfinite_updates: int = 3
+    """An optimizer step whose loss or gradient norm is NaN or inf is skipped, never applied (actor and
+    critic; counted in actor/skipped_steps and critic/skipped_steps). This many skipped in a row stop
+    the run with the step and the last finite values (0 = never stop)."""
 
 
 @dataclass

@@ -18,7 +18,8 @@ from transformers import AutoConfig, AutoModelForTokenClassification
 
 from algos import masked_mean, value_loss
 from rlcore import dist
-from rlcore.actor import micro_batches
+from rlcore.actor import micro_batches, step_unless_nonfinite
+from rlcore.guard import UpdateGuard
 from rlcore.logprobs import pack_inputs
 from rlcore.sharding import scalar
 
@@ -78,13 +79,15 @@ def _rows(idx: list[int], prompt_ids, *tensors: Tensor):
 class Critic:
     def __init__(self, model, *, lr: float, warmup_steps: int, weight_decay: float, max_grad_norm: float,
                  value_clip: float, aggregation: str, max_tokens_per_microbatch: int, seqs_per_minibatch: int,
-                 pad_id: int, norm_len: int | None = None):
+                 pad_id: int, norm_len: int | None = None, max_nonfinite_updates: int = 3):
         """`norm_len`: the constant of seq-mean-token-sum-norm (pass rollout.max_new_tokens, as the
-        actor does); None uses the padded length T of the batch given to `update`."""
+        actor does); None uses the padded length T of the batch given to `update`.
+        `max_nonfinite_updates`: skipped non-finite steps in a row that stop the run (rlcore.guard)."""
         self.model, self.pad_id = model, pad_id
         self.max_grad_norm, self.value_clip, self.aggregation = max_grad_norm, value_clip, aggregation
         self.max_tokens, self.seqs_per_minibatch = max_tokens_per_microbatch, seqs_per_minibatch
         self.norm_len = norm_len
+        self.guard = UpdateGuard("critic", max_nonfinite_updates)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         # Linear warmup, the same schedule as rlcore.actor.build_optimizer with the critic's own lr/steps.
@@ -125,7 +128,7 @@ class Critic:
                 for k, v in stats.items():
                     sums[k] += v
                 num_updates += 1
-        metrics = {f"critic/{k}": v / num_updates for k, v in sums.items()}
+        metrics = {f"critic/{k}": v if k == "skipped_steps" else v / num_updates for k, v in sums.items()}
         # Explained variance of the pre-update values (population variances, as algos.value_loss).
         m = mask.float()
         var_returns = masked_mean((returns - masked_mean(returns, m)).square(), m)
@@ -156,6 +159,6 @@ class Critic:
             stats["value_mean"] += loss_stats["value_mean"] * share
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         stats["grad_norm"] = scalar(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        self.optimizer.step()
-        self.scheduler.step()
+        stats["skipped_steps"] += float(step_unless_nonfinite(self.optimizer, self.scheduler, self.guard,
+                                                              stats["value_loss"], stats["grad_norm"]))
         return stats

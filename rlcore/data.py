@@ -1,11 +1,16 @@
 """Prompt data: local files through `datasets`, or a built-in synthetic task; seeded sampling.
 
-Every row problem is reported with the file, the row number and the key, before any training.
+Every row problem is reported with the file, the row number (1-based, as editors count; in a jsonl
+the n-th non-blank line) and the key, before any training. Prompts the tokenizer cannot encode in
+full (characters outside the built-in tokenizer's printable ASCII, or mapped to a tokenizer's unknown
+token) are dropped and counted, like prompts over data.max_prompt_tokens, never trained on changed.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,10 @@ class Prompts:
     token_ids: list[list[int]]
     num_dropped: int
     """Prompts longer than data.max_prompt_tokens, dropped."""
+    num_unencodable: int = 0
+    """Prompts holding characters the tokenizer cannot encode, dropped."""
+    unencodable_note: str = ""
+    """Where the first of those is and which characters, for the run's warning; empty if none."""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -49,11 +58,37 @@ def read_rows(path: str) -> list[dict[str, Any]]:
         fmt = FORMATS.get(p.suffix)
         if fmt is None:
             raise DataError(f"data file {path!r}: unknown format {p.suffix!r}; use one of {sorted(FORMATS)}")
+        if p.stat().st_size == 0:
+            raise DataError(f"data file {path!r} is empty; it needs one row per prompt")
         try:
             ds = datasets.load_dataset(fmt, data_files=str(p), split="train")
-        except Exception as e:  # datasets wraps parse errors in several types
-            raise DataError(f"data file {path!r} could not be read as {fmt}: {e}") from e
+        except Exception as e:  # datasets wraps parse errors in several types, without the row
+            bad_line = _first_bad_json_line(p) if p.suffix == ".jsonl" else None
+            raise DataError(bad_line or f"data file {path!r} could not be read as {fmt}: {e}") from e
+    if len(ds) == 0:
+        raise DataError(f"data file {path!r} holds no rows; it needs one row per prompt")
     return ds.to_list()
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    """The error naming the first line of a jsonl that is not a JSON object (1-based row and line)."""
+    row = 0
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue  # blank lines are skipped when reading, and not counted as rows
+            row += 1
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                return (f"data file {str(path)!r} row {row} (line {line_number}) is not valid JSON: {e.msg} at "
+                        f"column {e.colno}; fix or remove that line")
+            if not isinstance(value, dict):
+                return (f"data file {str(path)!r} row {row} (line {line_number}) is a JSON {type(value).__name__}, "
+                        "not an object with the prompt and answer fields")
+    if row == 0:
+        return f"data file {str(path)!r} holds only blank lines; it needs one JSON object per line"
+    return None
 
 
 def _prompt_text(row: dict, cfg: DataConfig, tokenizer, where: str) -> str:
@@ -76,23 +111,55 @@ def _prompt_text(row: dict, cfg: DataConfig, tokenizer, where: str) -> str:
 
 
 def tokenize_prompts(rows: list[dict], tokenizer, cfg: DataConfig, source: str) -> Prompts:
-    """Check and tokenise rows; over-long prompts are dropped and counted."""
+    """Check and tokenise rows; over-long prompts and prompts with characters the tokenizer cannot
+    encode are dropped and counted. Row numbers in messages are 1-based."""
     kept_rows, texts, ids, dropped = [], [], [], 0
+    lost_chars = _LostCharacters(tokenizer)
+    unencodable, note = 0, ""
     for i, row in enumerate(rows):
-        text = _prompt_text(row, cfg, tokenizer, f"{source} row {i}")
+        where = f"{source} row {i + 1}"
+        text = _prompt_text(row, cfg, tokenizer, where)
+        lost = lost_chars(text)
+        if lost:
+            unencodable += 1
+            note = note or (f"{where}: the tokenizer cannot encode {''.join(sorted(lost))!r}; prompts holding such "
+                            "characters are dropped (data/unencodable_prompts)")
+            continue
         # A chat template already carries the special tokens it needs.
         tokens = tokenizer(text, add_special_tokens=not cfg.apply_chat_template)["input_ids"]
         if len(tokens) > cfg.max_prompt_tokens:
             dropped += 1
             continue
         if not tokens:
-            raise DataError(f"{source} row {i}: the prompt is empty")
+            raise DataError(f"{where}: the prompt is empty")
         kept_rows.append(row)
         texts.append(text)
         ids.append(tokens)
     if not kept_rows:
-        raise DataError(f"{source}: no usable prompts ({dropped} longer than data.max_prompt_tokens)")
-    return Prompts(kept_rows, texts, ids, dropped)
+        raise DataError(f"{source}: no usable prompts ({dropped} longer than data.max_prompt_tokens, {unencodable} "
+                        f"with characters the tokenizer cannot encode{'; ' + note if note else ''})")
+    return Prompts(kept_rows, texts, ids, dropped, unencodable, note)
+
+
+class _LostCharacters:
+    """The characters of a text that the tokenizer loses: encoded to nothing (the built-in character
+    tokenizer outside printable ASCII) or to its unknown token. Invisible characters (control, format,
+    separators) are not counted: tokenizers normalise those away without changing the text's meaning.
+    Each distinct character is encoded once."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.seen = tokenizer, {}
+        self.unk = getattr(tokenizer, "unk_token_id", None)
+
+    def __call__(self, text: str) -> set[str]:
+        return {c for c in set(text) if self._is_lost(c)}
+
+    def _is_lost(self, c: str) -> bool:
+        if c not in self.seen:
+            visible = unicodedata.category(c)[0] not in "CZ"
+            ids = self.tokenizer(c, add_special_tokens=False)["input_ids"] if visible else [0]
+            self.seen[c] = not ids or (self.unk is not None and self.unk in ids and c != self.tokenizer.unk_token)
+        return self.seen[c]
 
 
 def load_prompts(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[Prompts, Prompts | None]:
@@ -109,7 +176,8 @@ def load_prompts(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[Prompts, Pro
         return train, None
     evals = _load_files(cfg.eval_files, tokenizer, cfg)
     n = min(len(evals), cfg.max_eval_prompts)
-    return train, Prompts(evals.rows[:n], evals.texts[:n], evals.token_ids[:n], evals.num_dropped)
+    return train, Prompts(evals.rows[:n], evals.texts[:n], evals.token_ids[:n], evals.num_dropped,
+                          evals.num_unencodable, evals.unencodable_note)
 
 
 def _load_files(files: list[str], tokenizer, cfg: DataConfig) -> Prompts:
@@ -119,6 +187,8 @@ def _load_files(files: list[str], tokenizer, cfg: DataConfig) -> Prompts:
         [t for p in parts for t in p.texts],
         [t for p in parts for t in p.token_ids],
         sum(p.num_dropped for p in parts),
+        sum(p.num_unencodable for p in parts),
+        next((p.unencodable_note for p in parts if p.unencodable_note), ""),
     )
 
 

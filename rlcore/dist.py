@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -38,12 +39,38 @@ def active() -> bool:
     return world_size() > 1 and dist.is_available() and dist.is_initialized()
 
 
-def launch(nproc: int, argv: list[str]) -> int:
-    """Run `rlcore <argv>` as nproc ranks under torchrun; returns its exit code."""
+def launch(nproc: int, argv: list[str], *, env: dict[str, str] | None = None, pass_fds: tuple[int, ...] = ()) -> int:
+    """Run `rlcore <argv>` as nproc ranks under torchrun; returns its exit code. `pass_fds` stay open
+    in torchrun (the run folder's lock). On Ctrl-C (which reaches torchrun and the ranks too, one
+    process group) this waits for them to stop instead of killing torchrun, which would orphan the
+    ranks, and stops relaying their stderr: torchrun answers SIGINT with a traceback of its own,
+    while the launcher prints the one line that says where the run stopped."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "rlcore", *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads_per_rank(nproc)))}
-    return subprocess.run(cmd, env=env).returncode
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(_threads_per_rank(nproc))),
+           **(env or {})}
+    for fd in pass_fds:
+        os.set_inheritable(fd, True)
+    proc = subprocess.Popen(cmd, env=env, pass_fds=pass_fds, stderr=subprocess.PIPE)
+    interrupted = threading.Event()
+    relay = threading.Thread(target=_relay, args=(proc.stderr, interrupted), daemon=True)
+    relay.start()
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        interrupted.set()
+        proc.wait()  # a second Ctrl-C exits this process at once (rlcore.interrupts)
+        raise
+    relay.join()
+    return code
+
+
+def _relay(stream, interrupted: threading.Event) -> None:
+    """Copy the ranks' stderr to ours, line by line, until an interrupt."""
+    for line in iter(stream.readline, b""):
+        if not interrupted.is_set():
+            sys.stderr.buffer.write(line)
+            sys.stderr.flush()
 
 
 def _threads_per_rank(nproc: int) -> int:
@@ -84,6 +111,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def gather_objects(obj) -> list:
+    """Every rank's obj, in rank order, on every rank ([obj] alone)."""
+    if not active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """In place over all ranks (sum or max); the tensor itself when alone."""
     if active():
@@ -100,7 +136,7 @@ def any_rank(flag: bool) -> bool:
 # summed too. Everything else is a per-rank mean, or the same on every rank: averaged.
 _SUMMED = ("actor/pg_loss", "actor/entropy", "actor/kl", "actor/positive_nll", "actor/router_aux_loss",
            "actor/clipfrac", "actor/clipfrac_lower", "actor/clipfrac_upper", "actor/approx_kl", "actor/ratio_mean",
-           "critic/value_loss", "critic/vf_clipfrac", "perf/generated_tokens")
+           "critic/value_loss", "critic/vf_clipfrac", "perf/generated_tokens", "reward/samples")
 _COUNTS = ("/errors", "/timeouts", "/no_step_samples")
 
 

@@ -10,7 +10,7 @@ import string
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     DeepseekV3Config,
@@ -22,6 +22,7 @@ from transformers import (
     Qwen2Config,
     Qwen3MoeConfig,
 )
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 PAD, EOS = "<pad>", "<eos>"
 # A chat template for the character tokenizer, so `data.apply_chat_template=true` works on tiny models.
@@ -29,23 +30,41 @@ CHAR_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
+# Printable ASCII without the vertical tab, form feed and carriage return.
+CHAR_ALPHABET = [c for c in string.printable if c not in "\x0b\x0c\r"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """A character-level tokenizer over printable ASCII, built locally (no download).
 
-    Every character is one token, so arithmetic answers tokenise digit by digit.
+    Every character is one token, so arithmetic answers tokenise digit by digit. It is a byte-level
+    BPE without merges, normalised with NFC: exactly the pipeline transformers' Qwen2Tokenizer
+    rebuilds from a saved tokenizer.json, which `AutoTokenizer.from_pretrained` forces on every qwen2
+    folder. Saved any other way (a WordLevel model, a plain whitespace split), the export reloaded
+    through AutoTokenizer dropped whitespace: "a b" became other ids than in training. Without
+    merges each byte is its own token, so the pre-tokenizer's split cannot change the ids.
+    Characters outside the alphabet encode to nothing (no unknown token); rlcore.data counts and
+    drops prompts holding them.
     """
-    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    vocab = {PAD: 0, EOS: 1, **{c: i + 2 for i, c in enumerate(chars)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=EOS))
-    # One token per char; [\s\S], not ".", which skips newlines and turned "\n\n" into one unknown token.
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok.decoder = decoders.Fuse()  # join without spaces
+    to_unicode = bytes_to_unicode()  # the byte -> printable-character map of byte-level BPE
+    vocab = {PAD: 0, EOS: 1, **{to_unicode[ord(c)]: i + 2 for i, c in enumerate(CHAR_ALPHABET)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None, continuing_subword_prefix="",
+                               end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS)
+    # Saved as "unk_token": null: Qwen2Tokenizer would otherwise add "<|endoftext|>" as a 100th token.
+    hf.init_kwargs["unk_token"] = None
     hf.chat_template = CHAR_CHAT_TEMPLATE
     return hf
+
+
+def is_legacy_char_tokenizer(tok: PreTrainedTokenizerBase) -> bool:
+    """The char tokenizer as rlcore saved it before the byte-level form (a WordLevel vocabulary over
+    the raw characters); same ids, but AutoTokenizer reloads it without whitespace."""
+    return tok.get_vocab() == {PAD: 0, EOS: 1, **{c: i + 2 for i, c in enumerate(CHAR_ALPHABET)}}
 
 
 FAMILIES = ("qwen2", "llama", "qwen3_moe", "mixtral", "deepseek_v3")
@@ -128,6 +147,8 @@ def load_tokenizer(path: str, *, trust_remote_code: bool) -> PreTrainedTokenizer
     from rewards.prm import load_tokenizer as load_saved_tokenizer
 
     tok = load_saved_tokenizer(path, trust_remote_code=trust_remote_code)
+    if is_legacy_char_tokenizer(tok):  # an older checkpoint: the same ids, in the form that round-trips
+        return char_tokenizer()
     if tok.pad_token is None:  # many base models ship without one; padding is masked anyway
         tok.pad_token = tok.eos_token
     return tok

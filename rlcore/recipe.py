@@ -12,6 +12,7 @@ import yaml
 
 from rlcore import config as config_module
 from rlcore.config import RLConfig, register_schema
+from rlcore.overrides import UnknownKey, check_overrides, is_known, nearest_key
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,10 @@ def compose(recipe: str | None, overrides: list[str]) -> tuple[RLConfig, Path]:
 
     path = find_recipe(recipe)
     _check_defaults(path)
+    try:
+        overrides = check_overrides(list(overrides))
+    except UnknownKey as e:
+        raise ConfigError(str(e)) from None
     register_schema()
     GlobalHydra.instance().clear()
     try:
@@ -88,7 +93,16 @@ def _clean(e: Exception) -> str:
         if text and text not in msgs:
             msgs.append(text)
         e = e.__cause__ or e.__context__
-    return "\n".join(msgs)
+    # Hydra suggests `+key=value` for an unknown key; that form would skip the schema. Suggest the
+    # nearest valid key instead (a typo in the recipe file itself lands here).
+    lines = list(dict.fromkeys(line for m in msgs for line in m.splitlines()
+                               if not line.startswith("To append to your config")))
+    keys = [line.split("full_key:", 1)[1].strip().replace("[", ".").replace("]", "") for line in lines
+            if "full_key:" in line]
+    hint = nearest_key(keys[0]) if keys and not is_known(keys[0]) else None
+    if hint:
+        lines.append(f"did you mean {hint}?")
+    return "\n".join(lines)
 
 
 def to_yaml(cfg: RLConfig) -> str:

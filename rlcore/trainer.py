@@ -30,8 +30,9 @@ from rlcore.build import build_data, build_policy, build_tokenizer, reward_specs
 from rlcore.collect import collect
 from rlcore.critic import Critic, build_value_model, load_value_model
 from rlcore.config import RLConfig
-from rlcore.data import Prompts, PromptSampler
+from rlcore.data import DataError, Prompts, PromptSampler
 from rlcore.evaluate import evaluate
+from rlcore.guard import RewardTermWatch
 from rlcore.logprobs import ResponseScorer
 from rlcore.lora import apply_lora
 from rlcore.metrics import Timer, Tracker
@@ -50,6 +51,7 @@ class Trainer:
         seed_everything(cfg.trainer.seed + dist.rank())  # models are built from their own seeds: equal on all ranks
         self.tokenizer = build_tokenizer(cfg)
         self.train_prompts, self.eval_prompts = build_data(cfg, self.tokenizer)
+        check_enough_prompts(cfg, len(self.train_prompts))
         policy = build_policy(cfg, self.tokenizer, self.train_prompts, plan.device)
         lora = cfg.model.lora.rank > 0
         # The reference is the initial policy, frozen; kept only when a KL term needs it (with LoRA it is
@@ -88,6 +90,7 @@ class Trainer:
                                      world_size=plan.world_size)
         self.reward_fn = CompositeReward(reward_specs(cfg, self.tokenizer), timeout_s=cfg.reward.timeout_s,
                                          num_workers=cfg.reward.num_workers, device=plan.device)
+        self.reward_watch = RewardTermWatch(self.reward_fn.keys, cfg.reward.max_failed_steps)
         r = cfg.rollout
         self.sampling = SamplingParams(n=r.samples_per_prompt, max_new_tokens=r.max_new_tokens,
                                        temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
@@ -171,6 +174,7 @@ class Trainer:
             "response/length_mean": lengths.mean().item(), "response/length_max": lengths.max().item(),
             "response/clipped_ratio": batch.is_truncated.float().mean().item(),
             "data/epoch": float(self.sampler.epoch), "data/dropped_prompts": float(self.train_prompts.num_dropped),
+            "data/unencodable_prompts": float(self.train_prompts.num_unencodable),
             "perf/generated_tokens": lengths.sum().item(),
         })
 
@@ -237,6 +241,8 @@ class Trainer:
         start = time.perf_counter()
         while self.step < cfg.total_steps:
             step_start = time.perf_counter()
+            for guard in self._update_guards():  # so that a non-finite stop names the step
+                guard.rl_step = self.step + 1
             metrics = self.rl_step()
             self.step += 1
             seconds = time.perf_counter() - step_start
@@ -249,6 +255,7 @@ class Trainer:
                 tracker.progress(self.step, metrics)
             if cfg.sample_text_every and self.step % cfg.sample_text_every == 0:
                 tracker.text(self.step, "samples", self._samples_markdown())
+            self.reward_watch.observe(self.step, metrics, self._last.reward_errors)  # after logging the step
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == cfg.total_steps:
                 self.save()
         summary = {"steps": self.step, "train_seconds": time.perf_counter() - start}
@@ -269,6 +276,14 @@ class Trainer:
                                              float(len(mine))], dtype=torch.float64))
         return {"accuracy": float(sums[0] / sums[2]), "reward_mean": float(sums[1] / sums[2])}
 
+    def _update_guards(self):
+        return [self.actor.guard] + ([self.critic.guard] if self.critic is not None else [])
+
+    def probe_texts(self) -> list[str]:
+        """Training text the export checks its tokenizer on: a few prompts and the last step's responses."""
+        responses = [r for _, r, _ in self._last.examples] if getattr(self, "_last", None) is not None else []
+        return [*self.train_prompts.texts[:8], *responses]
+
     def _samples_markdown(self) -> str:
         rows = [f"| {p!r} | {r!r} | {s:.3f} |" for p, r, s in self._last.examples]
         return "| prompt | response | reward |\n|---|---|---|\n" + "\n".join(rows)
@@ -279,7 +294,8 @@ class Trainer:
             self.run_dir, self.step, model=self.actor.model, tokenizer=self.tokenizer,
             optimizer=self.actor.optimizer, scheduler=self.actor.scheduler,
             data_state={**self.sampler.state_dict(), "eval_before": self.eval_before, "kl_coef": self.kl_coef},
-            config_yaml=to_yaml(self.cfg), keep_last=self.cfg.trainer.keep_last, critic=self.critic)
+            config_yaml=to_yaml(self.cfg), keep_last=self.cfg.trainer.keep_last, critic=self.critic,
+            extra_state={"probe_texts": self.probe_texts()})
 
     def resume(self, folder: Path) -> None:
         state = ckpt.load_checkpoint(folder, model=self.actor.model, optimizer=self.actor.optimizer,
@@ -348,6 +364,18 @@ def _frozen(model):
     return model
 
 
+def check_enough_prompts(cfg: RLConfig, num_prompts: int) -> None:
+    """One step draws train.prompts_per_step distinct prompts; fewer would repeat prompts inside a step
+    (its groups would not be independent), so refuse, naming where the prompts come from."""
+    need = cfg.train.prompts_per_step
+    if num_prompts >= need:
+        return
+    d = cfg.data
+    source = f"data.train_files {d.train_files}" if d.train_files else f"data.task.num_train={d.task.num_train}"
+    raise DataError(f"train.prompts_per_step={need} but {source} gives only {num_prompts} usable prompts, so one step "
+                    f"would repeat prompts; lower train.prompts_per_step to at most {num_prompts}, or add prompts")
+
+
 def write_summary(run_dir: Path, summary: dict) -> None:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
@@ -368,7 +396,8 @@ def build_critic(cfg: RLConfig, model, *, pad_id: int, seqs_per_minibatch: int) 
     return Critic(model, lr=c.lr, warmup_steps=c.warmup_steps,
                   weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, value_clip=c.value_clip,
                   aggregation=cfg.algo.aggregation, max_tokens_per_microbatch=t.max_tokens_per_microbatch,
-                  seqs_per_minibatch=seqs_per_minibatch, pad_id=pad_id, norm_len=cfg.rollout.max_new_tokens)
+                  seqs_per_minibatch=seqs_per_minibatch, pad_id=pad_id, norm_len=cfg.rollout.max_new_tokens,
+                  max_nonfinite_updates=t.max_nonfinite_updates)
 
 
 def global_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -167,6 +167,11 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
          f"(data.max_prompt_tokens + rollout.max_new_tokens = {d.max_prompt_tokens + r.max_new_tokens})")
     # --- trainer
     need(tr.total_steps >= 1, "trainer.total_steps must be >= 1")
+    out = tr.output_dir
+    need(out is None or not Path(out).exists() or Path(out).is_dir(),
+         f"trainer.output_dir={out!r} is an existing file, not a folder; name a new folder or an earlier run's")
+    need(t.max_nonfinite_updates >= 0, "train.max_nonfinite_updates must be >= 0 (0 = never stop)")
+    need(cfg.reward.max_failed_steps >= 0, "reward.max_failed_steps must be >= 0 (0 = never stop)")
     need(tr.resume in ("auto", "never") or Path(tr.resume).is_dir(),
          f"trainer.resume={tr.resume!r}: use auto, never, or an existing checkpoint folder")
     need(tr.save_every >= 0 and tr.keep_last >= 1, "trainer.save_every must be >= 0 and trainer.keep_last >= 1")

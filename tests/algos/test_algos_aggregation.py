@@ -21,8 +21,9 @@ MASK = torch.tensor([[1.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0,
     ("seq-mean-token-sum", {"num_seqs": 7}, 1.0),          # 7 / global 7
     ("seq-mean-token-mean", {}, (3 / 2 + 4 / 1) / 2),      # (1.5 + 4) / 2 = 2.75
     ("seq-mean-token-mean", {"num_seqs": 11}, 0.5),        # 5.5 / 11
-    ("seq-mean-token-sum-norm", {}, 7 / 4),                # K = T = 4, not divided by #seqs: 1.75
-    ("seq-mean-token-sum-norm", {"norm_len": 10}, 0.7),    # K = 10
+    ("seq-mean-token-sum-norm", {}, 7 / (2 * 4)),          # 2 non-empty seqs x K = T = 4: 0.875
+    ("seq-mean-token-sum-norm", {"norm_len": 10}, 0.35),   # 7 / (2 x K = 10)
+    ("seq-mean-token-sum-norm", {"num_seqs": 7, "norm_len": 10}, 0.1),  # 7 / (global 7 x 10)
 ])
 def test_modes_by_hand(mode, kwargs, expected):
     got = aggregate(LOSS, MASK, mode, **kwargs)
@@ -38,9 +39,9 @@ def test_bool_mask_equals_float_mask(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_counts_not_used_by_a_mode_are_ignored(mode):
     # The trainer may pass every global count whatever the mode; only the mode's own count acts.
-    own = {"token-mean": "num_tokens", "seq-mean-token-sum": "num_seqs", "seq-mean-token-mean": "num_seqs",
-           "seq-mean-token-sum-norm": "norm_len"}[mode]
-    others = {k: 1000 for k in ("num_tokens", "num_seqs", "norm_len") if k != own}
+    own = {"token-mean": {"num_tokens"}, "seq-mean-token-sum": {"num_seqs"}, "seq-mean-token-mean": {"num_seqs"},
+           "seq-mean-token-sum-norm": {"num_seqs", "norm_len"}}[mode]
+    others = {k: 1000 for k in ("num_tokens", "num_seqs", "norm_len") if k not in own}
     assert aggregate(LOSS, MASK, mode, **others).item() == aggregate(LOSS, MASK, mode).item()
 
 

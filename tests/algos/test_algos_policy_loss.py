@@ -121,8 +121,8 @@ def test_aggregation_and_counts_are_forwarded():
         ({"num_tokens": 12}, -6.0 / 12),                           # global token count
         ({"agg": "seq-mean-token-sum"}, (-3.0 - 3.0) / 2),        # per-seq sums −3, −3
         ({"agg": "seq-mean-token-mean", "num_seqs": 4}, (-1.5 - 3.0) / 4),
-        ({"agg": "seq-mean-token-sum-norm"}, -6.0 / 2),            # K = T = 2
-        ({"agg": "seq-mean-token-sum-norm", "norm_len": 10}, -6.0 / 10),
+        ({"agg": "seq-mean-token-sum-norm"}, -6.0 / (2 * 2)),      # 2 seqs x K = T = 2
+        ({"agg": "seq-mean-token-sum-norm", "norm_len": 10}, -6.0 / (2 * 10)),
     ]
     for kwargs, expected in cases:
         loss, _ = policy_loss(logp, logp, adv, mask, **kwargs)

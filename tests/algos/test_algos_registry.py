@@ -99,8 +99,9 @@ def check_seq_mean_token_mean(fn):
 
 
 def check_seq_mean_token_sum_norm(fn):
-    _approx(fn(AGG_LOSS, AGG_MASK), 7 / 3)  # K = T = 3
-    _approx(fn(AGG_LOSS, AGG_MASK, norm_len=7), 1.0)
+    _approx(fn(AGG_LOSS, AGG_MASK), 7 / (2 * 3))  # 2 sequences x K = T = 3
+    _approx(fn(AGG_LOSS, AGG_MASK, norm_len=7), 0.5)  # 7 / (2 x 7)
+    _approx(fn(AGG_LOSS, AGG_MASK, num_seqs=7, norm_len=7), 1 / 7)  # global sequence count
 
 
 CHECKS = {

@@ -46,6 +46,9 @@ def main(out: str, strategy: str) -> None:
         old, _ = response_logprobs(model, prompts, ids, mask, temperature=1.0, pad_id=0)
     old = old - 0.05 * mask  # off-policy a little, so ratios and clipping matter
     rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    if os.environ.get("NAN_RANK") == str(rank):  # this rank alone computes a NaN loss
+        advantages = advantages.clone()
+        advantages[rows.start, 0] = float("nan")
     mine = TrainBatch(prompts[rows], ids[rows], mask[rows], old[rows], None, advantages[rows])
     cfg = RLConfig()
     cfg.train.lr, cfg.train.max_tokens_per_microbatch = 1e-3, 20  # several micro-batches per rank
@@ -55,12 +58,14 @@ def main(out: str, strategy: str) -> None:
     if world > 1:
         shard(scorer, model, strategy=strategy, device="cpu")
     actor = Actor(model, cfg, pad_id=0, seqs_per_minibatch=len(mine), scorer=scorer)
+    initial = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
     metrics, _ = actor.update(mine)
     metrics = dist.reduce_metrics(metrics)
     params = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
-    grads = {n: full_tensor(p.grad).clone() for n, p in model.named_parameters()}  # summed over ranks
+    skipped = metrics["actor/skipped_steps"] > 0  # a skipped step drops its gradients
+    grads = {} if skipped else {n: full_tensor(p.grad).clone() for n, p in model.named_parameters()}  # summed
     if dist.is_main():
-        torch.save({"metrics": metrics, "params": params, "grads": grads}, out)
+        torch.save({"metrics": metrics, "params": params, "grads": grads, "initial": initial}, out)
     dist.shutdown()
 
 

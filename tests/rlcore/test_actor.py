@@ -137,3 +137,45 @@ def test_entropy_outside_graph_has_same_value_and_no_grad(model):
                                        with_entropy=True, entropy_grad=False)
     assert ent_graph.requires_grad and not ent_free.requires_grad and logp.requires_grad
     torch.testing.assert_close(ent_free, ent_graph.detach(), rtol=0, atol=0)
+
+
+def test_nonfinite_update_is_skipped_counted_and_stops_after_a_few_in_a_row(model):
+    """A NaN advantage makes the loss and gradient NaN: the step is skipped (weights, AdamW state and the
+    schedule untouched) and counted; train.max_nonfinite_updates in a row stop the run, naming the RL
+    step and the last finite update. A finite update in between resets the count."""
+    from rlcore.guard import NonFiniteError
+
+    b = make_batch()
+    good_adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, -2.0])[:, None] * b.mask
+    bad_adv = good_adv.clone()
+    bad_adv[0, 0] = float("nan")
+
+    def batch(adv):
+        return TrainBatch(b.prompt_ids, b.response_ids, b.mask, None, None, adv)
+
+    cfg = RLConfig()
+    cfg.train.max_nonfinite_updates, cfg.train.lr = 2, 1e-2
+    actor = Actor(model, cfg, pad_id=0, seqs_per_minibatch=len(b))
+    actor.guard.rl_step = 1
+    metrics, _ = actor.update(batch(good_adv))
+    assert metrics["actor/skipped_steps"] == 0.0
+    before = copy.deepcopy(model.state_dict())
+    adam_before = copy.deepcopy(actor.optimizer.state_dict())
+    actor.guard.rl_step = 2
+    metrics, _ = actor.update(batch(bad_adv))
+    assert metrics["actor/skipped_steps"] == 1.0 and metrics["actor/grad_norm"] != metrics["actor/grad_norm"]  # NaN
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    state = actor.optimizer.state_dict()["state"]
+    assert all(float(s["step"]) == float(adam_before["state"][k]["step"]) for k, s in state.items())
+    assert actor.scheduler.last_epoch == 1 and all(p.grad is None for p in model.parameters())
+    actor.guard.rl_step = 3
+    actor.update(batch(good_adv))  # a finite update resets the count
+    actor.guard.rl_step = 4
+    actor.update(batch(bad_adv))
+    actor.guard.rl_step = 5
+    with pytest.raises(NonFiniteError) as e:
+        actor.update(batch(bad_adv))
+    msg = str(e.value)
+    assert "RL step 5" in msg and "2 actor updates in a row" in msg and "last finite one was at RL step 3" in msg
+    assert "train.lr" in msg

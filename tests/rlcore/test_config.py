@@ -49,6 +49,34 @@ def test_unknown_override_and_wrong_type_name_the_key():
         compose(None, ["rollout.samples_per_prompt=many"])
 
 
+@pytest.mark.parametrize("override, hint", [
+    ("+train.learning_rate=5", "train.lr"),      # `+` used to add the key unchecked, then drop it
+    ("train.lrr=0.1", "train.lr"),
+    ("train.total_steps=3", "trainer.total_steps"),
+    ("rollout.max_new_token=3", "rollout.max_new_tokens"),
+    ("++algo.kl.coeff=1", "algo.kl.coef"),
+])
+def test_every_override_is_checked_and_the_nearest_key_suggested(override, hint):
+    with pytest.raises(ConfigError) as e:
+        compose(None, [override])
+    msg = str(e.value)
+    assert f"did you mean {hint}?" in msg
+    assert "To append" not in msg and f"+{override.lstrip('+').split('=')[0]}=" not in msg.split("unknown key")[1]
+
+
+def test_plus_on_a_schema_key_is_a_plain_override_and_free_form_args_still_add():
+    cfg, _ = compose(None, ["+train.lr=5", "+reward.terms.0.args.answer_key=target", "reward.terms.0.weight=2"])
+    assert cfg.train.lr == 5.0
+    assert cfg.reward.terms[0].args == {"answer_key": "target"} and cfg.reward.terms[0].weight == 2.0
+
+
+def test_typo_in_a_recipe_file_suggests_the_nearest_key(tmp_path):
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("defaults:\n  - rlcore\n  - _self_\nalgo:\n  policy_loss:\n    clip_hgh: 0.3\n")
+    with pytest.raises(ConfigError, match=r"did you mean algo\.policy_loss\.clip_high\?"):
+        compose(str(recipe), [])
+
+
 def test_recipe_without_schema_defaults_is_refused(tmp_path):
     recipe = tmp_path / "bare.yaml"
     recipe.write_text("train:\n  lr: 0.1\n")
@@ -78,6 +106,13 @@ def test_validate_names_the_key_to_change(override, key):
         validate(cfg)
 
 
+def test_output_dir_naming_an_existing_file_names_the_key(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    cfg, _ = compose(None, [f"trainer.output_dir={tmp_path / 'notes.txt'}"])
+    with pytest.raises(ConfigError, match=r"trainer\.output_dir=.*notes\.txt' is an existing file"):
+        validate(cfg)
+
+
 def test_missing_reward_file_fails_before_training(tmp_path):
     cfg, _ = compose(None, ["reward.terms=[{name: 'python:missing_reward.py:score'}]"])
     with pytest.raises(ConfigError) as e:
@@ -88,6 +123,7 @@ def test_missing_reward_file_fails_before_training(tmp_path):
 def test_cli_reports_config_errors_without_traceback(tmp_path):
     proc = run_cli("train", "train.lrr=1", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "train.lrr" in proc.stderr and "Traceback" not in proc.stderr
+    assert "did you mean train.lr?" in proc.stderr and "+train.lrr" not in proc.stderr
     assert not (tmp_path / "runs").exists()  # nothing created before the config is valid
 
 

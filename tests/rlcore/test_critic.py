@@ -142,3 +142,20 @@ def test_critic_starts_from_a_saved_reward_model(tmp_path):
     value = load_value_model(str(tmp_path))
     torch.testing.assert_close(value.score.weight, orm.score.weight)
     torch.testing.assert_close(value.model.embed_tokens.weight, orm.model.embed_tokens.weight)
+
+
+def test_nonfinite_critic_update_is_skipped_and_counted():
+    from rlcore.guard import NonFiniteError
+
+    vm = build_value_model(policy())
+    critic = make_critic(vm, max_nonfinite_updates=2)
+    prompts, ids, mask = make_rollout()
+    returns = torch.ones(mask.shape) * mask
+    returns[1, 0] = float("inf")
+    before = copy.deepcopy(vm.state_dict())
+    metrics = critic.update(prompts, ids, mask, returns, torch.zeros(mask.shape))
+    assert metrics["critic/skipped_steps"] == 1.0
+    for name, value in vm.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    with pytest.raises(NonFiniteError, match="2 critic updates in a row.*critic.lr"):
+        critic.update(prompts, ids, mask, returns, torch.zeros(mask.shape))

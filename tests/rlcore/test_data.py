@@ -20,12 +20,12 @@ def test_missing_prompt_field_names_file_row_and_key(tmp_path, tok):
     with pytest.raises(DataError) as e:
         load_prompts(cfg, tok, seed=0)
     msg = str(e.value)
-    assert "d.jsonl" in msg and "row 1" in msg and "'prompt'" in msg and "data.prompt_key" in msg
+    assert "d.jsonl" in msg and "row 2" in msg and "'prompt'" in msg and "data.prompt_key" in msg  # 1-based
 
 
 def test_missing_reward_field_names_row(tmp_path, tok):
     f = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}])
-    with pytest.raises(DataError, match=r"row 1.*'answer'"):
+    with pytest.raises(DataError, match=r"row 2.*'answer'"):
         load_prompts(DataConfig(train_files=[str(f)]), tok, seed=0)
 
 
@@ -94,3 +94,50 @@ def test_sampler_refuses_state_of_other_data():
     s = PromptSampler(10, seed=0)
     with pytest.raises(DataError, match="same data"):
         s.load_state_dict({"epoch": 0, "position": 3, "num_prompts": 11})
+
+
+def test_prompts_with_characters_the_tokenizer_cannot_encode_are_dropped_counted_and_named(tmp_path, tok):
+    """The built-in tokenizer covers printable ASCII; "×" and "é" used to become <eos> inside the prompt."""
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2×3=", "answer": "6"}, {"prompt": "café 1+2=", "answer": "3"},
+            {"prompt": "3 + 4 =\n", "answer": "7"}]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    train, _ = load_prompts(DataConfig(train_files=[str(f)]), tok, seed=0)
+    assert train.texts == ["1+1=", "3 + 4 =\n"] and train.num_unencodable == 2
+    assert "d.jsonl' row 2" in train.unencodable_note and "'×'" in train.unencodable_note
+    assert tok.eos_token_id not in [i for ids in train.token_ids for i in ids]
+    only_bad = write_jsonl(tmp_path / "bad.jsonl", rows[1:3])
+    with pytest.raises(DataError, match=r"no usable prompts \(0 longer .*, 2 with characters the tokenizer cannot "
+                                        r"encode; .*bad\.jsonl' row 1"):
+        load_prompts(DataConfig(train_files=[str(only_bad)]), tok, seed=0)
+
+
+def test_malformed_json_line_names_file_and_1_based_row(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b", "answer": 2\n{"prompt": "c", "answer": "3"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl' row 2 \(line 3\) is not valid JSON: .* column \d+"):
+        read_rows(str(f))
+    f.write_text('{"prompt": "a", "answer": "1"}\n["not", "an", "object"]\n')
+    with pytest.raises(DataError, match=r"row 2 \(line 2\) is a JSON list"):
+        read_rows(str(f))
+
+
+@pytest.mark.parametrize("content, reason", [("", "is empty"), ("\n\n", "holds only blank lines")])
+def test_empty_jsonl_says_so(tmp_path, content, reason):
+    f = tmp_path / "empty.jsonl"
+    f.write_text(content)
+    with pytest.raises(DataError, match=rf"empty\.jsonl' {reason}"):
+        read_rows(str(f))
+
+
+def test_more_prompts_per_step_than_the_data_holds_is_refused():
+    from rlcore.recipe import compose
+    from rlcore.trainer import check_enough_prompts
+
+    cfg, _ = compose(None, ["train.prompts_per_step=64", "data.train_files=[/data/small.jsonl]"])
+    with pytest.raises(DataError, match=r"train\.prompts_per_step=64 but data\.train_files \['/data/small\.jsonl'\] "
+                                        r"gives only 40 usable prompts.*at most 40"):
+        check_enough_prompts(cfg, 40)
+    cfg, _ = compose(None, ["train.prompts_per_step=64", "data.task.num_train=50"])
+    with pytest.raises(DataError, match=r"data\.task\.num_train=50"):
+        check_enough_prompts(cfg, 50)
+    check_enough_prompts(cfg, 64)

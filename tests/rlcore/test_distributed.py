@@ -16,9 +16,9 @@ pytestmark = pytest.mark.slow
 WORKER = REPO / "tests" / "rlcore" / "dist_update_worker.py"
 
 
-def run_worker(out, strategy, nproc, agg="token-mean"):
+def run_worker(out, strategy, nproc, agg="token-mean", **env_extra):
     prefix = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "AGG": agg}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "AGG": agg, **env_extra}
     proc = subprocess.run([sys.executable, *prefix, str(WORKER), str(out), strategy], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,6 +48,15 @@ def test_update_on_two_ranks_equals_one_rank(tmp_path, strategy, agg):
     for name, a in one["params"].items():  # per tensor: a zero-initialised bias is all Adam update
         rel = ((two["params"][name] - a).norm() / a.norm().clamp(min=1e-12)).item()
         assert rel <= 1e-4, ("param", name, rel)
+
+
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Rank 1 alone computes a NaN loss: both ranks skip the optimizer step (the verdict is all-reduced),
+    so the sharded weights stay the initial ones everywhere and the ranks stay in lockstep."""
+    out = run_worker(tmp_path / "nan.pt", "zero3", 2, NAN_RANK="1")
+    assert out["metrics"]["actor/skipped_steps"] == 1.0
+    for name, a in out["initial"].items():
+        assert torch.equal(out["params"][name], a), name
 
 
 SHORT = ["model.warmstart.steps=0", "train.prompts_per_step=8", "rollout.samples_per_prompt=4",

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import REPO, run_cli, write_jsonl
+from rlcore.models import char_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +46,9 @@ def test_short_run_writes_tensorboard_metrics_and_a_loadable_export(tmp_path):
     tok = AutoTokenizer.from_pretrained(run / "hf")
     out = model.generate(**tok("12+34=", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > len("12+34=")
+    trained = char_tokenizer()  # the export tokenizes as training did, whitespace included
+    for text in ("1 + 2 =", "a b\nc", "12+34="):
+        assert tok(text)["input_ids"] == trained(text)["input_ids"] and tok.decode(tok(text)["input_ids"]) == text
     # rlcore export of a checkpoint gives the same weights as the run's export
     run_cli("export", str(run), str(tmp_path / "exported"), cwd=tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
@@ -112,7 +116,7 @@ def test_missing_reward_file_and_bad_dataset_fail_before_training(tmp_path):
     assert proc.returncode == 2 and "rewards_of_mine.py" in proc.stderr
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1+1=", "answer": "2"}, {"text": "x", "answer": "y"}])
     proc = run_cli("train", f"data.train_files=[{bad}]", "trainer.output_dir=r", cwd=tmp_path, check=False)
-    assert proc.returncode == 2 and "bad.jsonl" in proc.stderr and "row 1" in proc.stderr and "'prompt'" in proc.stderr
+    assert proc.returncode == 2 and "bad.jsonl" in proc.stderr and "row 2" in proc.stderr and "'prompt'" in proc.stderr
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 

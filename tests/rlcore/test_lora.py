@@ -9,7 +9,8 @@ from conftest import run_cli
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from rlcore.checkpoint import export_hf, load_checkpoint, load_checkpoint_model, save_checkpoint
+from rlcore.checkpoint import load_checkpoint, load_checkpoint_model, save_checkpoint
+from rlcore.export import export_hf
 from rlcore.actor import build_optimizer
 from rlcore.config import LoraConfig, RLConfig
 from rlcore.logprobs import response_logprobs

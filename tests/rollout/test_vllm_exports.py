@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from vllm_helpers import MLA_TOLERANCE, ON_GPU, PROMPTS, check_greedy, policy
 
-from rlcore.checkpoint import export_hf
+from rlcore.export import export_hf
 from rlcore.config import LoraConfig
 from rlcore.lora import apply_lora
 from rlcore.models import char_tokenizer
