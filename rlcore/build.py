@@ -13,6 +13,34 @@ from rlcore.models import DTYPES, char_tokenizer, load_model, load_tokenizer, ti
 from rlcore.warmstart import cache_key, cache_root, cached_warmstart
 
 
+VLLM_MIN_PARAMS_ON_CPU = 20_000_000
+"""rollout.engine=auto on CPU picks vllm from this many parameters up: bench/vllm_vs_hf.py measured the
+hf engine faster at the quickstart's 0.4M (vLLM 0.37x its tokens/s) and vLLM faster at 104M."""
+
+
+def choose_engine(cfg: RLConfig, model, device: str) -> tuple[str, str]:
+    """(engine name, why) for rollout.engine; "auto" picks by what bench/vllm_vs_hf.py measured: vllm where it is
+    installed and on a GPU, or on CPU for models of VLLM_MIN_PARAMS_ON_CPU and more whose head size vLLM's CPU
+    kernels support and that need no routing replay (vLLM's CPU build cannot return routing); hf otherwise."""
+    name = cfg.rollout.engine
+    if name != "auto":
+        return name, "rollout.engine"
+    import importlib.util
+
+    from rollout.vllm_engine import fits_cpu_kernels
+
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", "auto: vLLM is not installed"
+    if device == "cuda":
+        return "vllm", "auto: vLLM on a GPU"
+    params = sum(p.numel() for p in model.parameters())
+    if params < VLLM_MIN_PARAMS_ON_CPU:
+        return "hf", f"auto: {params / 1e6:.1f}M parameters, faster with hf on CPU below {VLLM_MIN_PARAMS_ON_CPU / 1e6:.0f}M"
+    if cfg.algo.routing_replay or not fits_cpu_kernels(model.config):
+        return "hf", "auto: vLLM's CPU build cannot run this model (head size) or record its routing"
+    return "vllm", f"auto: {params / 1e6:.1f}M parameters on CPU"
+
+
 def build_tokenizer(cfg: RLConfig):
     if cfg.model.path is None:
         return char_tokenizer()

@@ -188,7 +188,8 @@ def _print_start(cfg, plan, trainer, run_dir: Path) -> None:
     p = trainer.train_prompts
     unencodable = f", {p.num_unencodable} with characters the tokenizer cannot encode" if p.num_unencodable else ""
     print(f"run folder {run_dir} | {params / 1e6:.2f}M parameters on {plan.device}{ranks} | "
-          f"{len(p)} prompts ({p.num_dropped} dropped as too long{unencodable})", file=sys.stderr)
+          f"{len(p)} prompts ({p.num_dropped} dropped as too long{unencodable}) | "
+          f"engine {trainer.engine_name} ({trainer.engine_reason})", file=sys.stderr)
     for prompts in (p, trainer.eval_prompts):
         if prompts is not None and prompts.unencodable_note:
             print(f"warning: {prompts.num_unencodable} prompts dropped; {prompts.unencodable_note}", file=sys.stderr)

@@ -26,7 +26,7 @@ from rlcore import checkpoint as ckpt
 from rlcore import dist
 from rlcore.actor import Actor, batched_logprobs
 from rlcore.batch import TrainBatch
-from rlcore.build import build_data, build_policy, build_tokenizer, reward_specs
+from rlcore.build import build_data, build_policy, build_tokenizer, choose_engine, reward_specs
 from rlcore.collect import collect
 from rlcore.critic import Critic, build_value_model, load_value_model
 from rlcore.config import RLConfig
@@ -61,13 +61,14 @@ class Trainer:
         if cfg.algo.routing_replay and not is_moe:
             raise ConfigError("algo.routing_replay=true but the model has no MoE routers; set it false for dense "
                               "models")
+        self.engine_name, self.engine_reason = choose_engine(cfg, policy, plan.device)
         engine_model = _frozen(copy.deepcopy(policy)).to(DTYPES[cfg.rollout.dtype or cfg.model.dtype])
-        self.engine = ENGINES[cfg.rollout.engine](
+        self.engine = ENGINES[self.engine_name](
             engine_model, eos_token_ids=eos_token_ids(self.tokenizer, policy),
             pad_token_id=self.tokenizer.pad_token_id, mode=cfg.rollout.mode,
-            **({"record_routing": True} if is_moe and records_routing(cfg.rollout, plan.device) else {}),
-            **(vllm_options(cfg, plan, self.train_prompts, self.eval_prompts) if cfg.rollout.engine == "vllm"
-               else {}))
+            **({"record_routing": True} if is_moe and records_routing(self.engine_name, cfg.rollout.mode, plan.device)
+               else {}),
+            **(vllm_options(cfg, plan, self.train_prompts, self.eval_prompts) if self.engine_name == "vllm" else {}))
         value_model = build_value(cfg, policy)  # from the whole policy, before it is sharded
         if lora:
             policy = apply_lora(policy, cfg.model.lora)
@@ -315,10 +316,10 @@ class Trainer:
             self.engine.close()
 
 
-def records_routing(rollout_cfg, device: str) -> bool:
+def records_routing(engine: str, mode: str, device: str) -> bool:
     """Whether the engine can record MoE routing (for replay and moe/routing_mismatch): hf except in
     its paged mode; vllm on a GPU (its CPU build cannot return routed experts)."""
-    return rollout_cfg.mode != "paged" if rollout_cfg.engine == "hf" else device == "cuda"
+    return mode != "paged" if engine == "hf" else device == "cuda"
 
 
 def vllm_options(cfg: RLConfig, plan: Plan, train: Prompts, held_out: Prompts | None) -> dict:

@@ -66,7 +66,7 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
         need(d.task.num_train > 0 and d.task.num_eval >= 0, "data.task.num_train must be > 0")
     need(d.max_prompt_tokens > 0, "data.max_prompt_tokens must be > 0")
     # --- rollout
-    one_of("rollout.engine", r.engine, ENGINES)
+    one_of("rollout.engine", r.engine, {*ENGINES, "auto"})
     one_of("rollout.mode", r.mode, {"auto", "generate", "paged"})
     if r.engine == "vllm":
         from rollout.vllm_engine import NEEDS
@@ -81,7 +81,7 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
     if r.dtype is not None:
         one_of("rollout.dtype", r.dtype, DTYPES)
     gpu = tr.device == "cuda" or (tr.device == "auto" and torch.cuda.is_available())
-    need(not a.routing_replay or (r.mode != "paged" if r.engine == "hf" else gpu),
+    need(not a.routing_replay or (r.mode != "paged" if r.engine != "vllm" else gpu),
          "algo.routing_replay=true needs the engine to record routing: rollout.engine=hf with rollout.mode "
          "generate or auto, or rollout.engine=vllm on a GPU (vLLM's CPU build cannot return routed experts)")
     need(a.router_aux_loss_coef >= 0, "algo.router_aux_loss_coef must be >= 0")

@@ -336,6 +336,20 @@ def cpu_kv_cache_bytes(config, dtype: torch.dtype, max_model_len: int, max_num_s
     return max(per_seq, min(max(per_seq * max_num_seqs, 64 * 2**20), cap))
 
 
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+"""Head sizes of vLLM 0.32's CPU attention kernels (CPUAttentionBackend.get_supported_head_sizes); latent
+attention (MLA) needs kv_lora_rank + qk_rope_head_dim = 576. For choosing an engine without importing
+vLLM; a built engine asks vLLM itself."""
+
+
+def fits_cpu_kernels(config) -> bool:
+    """Whether vLLM's CPU build has attention kernels for this model's head size (CPU_HEAD_SIZES)."""
+    text = config.get_text_config()
+    if getattr(text, "kv_lora_rank", None):
+        return text.kv_lora_rank + text.qk_rope_head_dim == 576
+    return (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads) in CPU_HEAD_SIZES
+
+
 def _check_cpu_head_size(config) -> None:
     """vLLM's CPU attention kernels exist for some head sizes only; fail before building, not mid-rollout
     ("Unsupported CPU attention configuration", "Head dimension 48 is not supported by MLA")."""
