@@ -152,7 +152,6 @@ def test_run_python_statuses(source, status, returncode):
     result = run_python(source, timeout_s=1.0, memory_mb=256, max_output_bytes=10_000)
     assert (result.status, result.returncode) == (status, returncode), result.stderr[-500:]
     assert len(result.stdout) <= 10_000
-    assert result.finished == (status == "ok")
 
 
 def test_cpu_limit_stops_a_busy_program_before_the_wall_clock():
@@ -197,7 +196,7 @@ with tempfile.TemporaryDirectory() as t, tempfile.NamedTemporaryFile("w", dir=t)
     f.write("x")
 with open(os.devnull, "w") as f:
     print("quiet", file=f)
-print(sorted(os.listdir()), "root:" in open("/etc/passwd").read())  # reading outside is fine
+print(sorted(os.listdir()), "def " in open(os.__file__).read())  # reading the standard library is fine
 """
     result = run_python(program, timeout_s=2.0)
     assert (result.status, result.stdout) == ("ok", "[] True\n"), result.stderr[-1000:]
