@@ -56,21 +56,22 @@ def send(cfg: dict, message: dict) -> None:
 def _confine(cfg: dict) -> None:
     import builtins
 
-    if _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:  # setuid binaries gain nothing (bwrap sets it too)
+    isolated = cfg["isolated"]  # bwrap has set no_new_privs, and dropped every capability unless we are root
+    if not isolated and _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:  # setuid binaries gain nothing
         raise OSError("prctl(PR_SET_NO_NEW_PRIVS) failed")
     _set_limits(cfg)
     for name in ("LD_LIBRARY_PATH", "PWD"):  # the loader's, and bwrap's; the program gets HOME/LANG/PATH/TMPDIR
         os.environ.pop(name, None)
     if cfg["run_uid"] is not None:
         os.chown(cfg["work"], cfg["run_uid"], cfg["run_uid"])
-        if not cfg["isolated"]:
+        if not isolated:
             _keep_imports_working()
         os.setgroups([])
         os.setresgid(cfg["run_uid"], cfg["run_uid"], cfg["run_uid"])
         os.setresuid(cfg["run_uid"], cfg["run_uid"], cfg["run_uid"])  # drops every capability
-    else:
+    elif not isolated:
         _drop_capabilities()  # root that cannot change uid (rootless container); a no-op otherwise
-    if not cfg["isolated"]:  # in bubblewrap the pid namespace ends with its init, which dies with its parent
+    if not isolated:  # in bubblewrap the pid namespace ends with its init, which dies with its parent
         if _libc().prctl(_PR_SET_PDEATHSIG, _SIGKILL, 0, 0, 0) != 0:
             raise OSError("prctl(PR_SET_PDEATHSIG) failed")
         if os.getppid() != cfg["parent_pid"]:
@@ -78,7 +79,7 @@ def _confine(cfg: dict) -> None:
     os.chdir(cfg["work"])
     builtins.exit = builtins.quit = _exit_builtin  # -S skips site, which defines them
     if cfg["use_audit_hook"]:
-        install_audit_hook(cfg["work"], allow_fork=cfg["isolated"])
+        install_audit_hook(cfg["work"], allow_fork=isolated)
 
 
 def _set_limits(cfg: dict) -> None:
