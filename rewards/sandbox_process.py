@@ -130,7 +130,7 @@ class Run:
         if self.run_uid is not None:
             return self.limits.max_processes
         if self.isolated:
-            return self.limits.max_processes + 2  # counted in bwrap's user namespace: its init too
+            return self.limits.max_processes + 1  # counted in bwrap's user namespace: its init too
         return self.limits.max_processes + _count_tasks(os.getuid())
 
     @property

@@ -10,7 +10,8 @@ import pytest
 import rewards.code as code_module
 from rewards import REWARDS, CompositeReward
 from rewards.code import extract_program, normalize_output
-from rewards.sandbox import run_python
+import rewards.sandbox as sandbox_module
+from rewards.sandbox import run_assert_tests, run_python
 
 code = REWARDS["code"]
 
@@ -101,6 +102,20 @@ def test_syntax_error_scores_zero_and_stops_early(monkeypatch):
     monkeypatch.setattr(code_module, "run_python", counting_run)
     assert code("p", fenced("def f(:\n    pass"), {"tests": STDIO_TESTS}) == 0.0
     assert len(calls) == 1  # the other two tests would fail the same way
+
+
+def test_syntax_error_in_assert_tests_starts_the_program_once(monkeypatch):
+    roles = []
+
+    class CountingRun(sandbox_module.Run):
+        def __init__(self, host, role, *args, **kwargs):
+            roles.append(role)
+            super().__init__(host, role, *args, **kwargs)
+
+    monkeypatch.setattr(sandbox_module, "Run", CountingRun)
+    verdicts = run_assert_tests("def f(:\n    pass", ["assert f(1) == 2"] * 3, timeout_s=2.0)
+    assert [(v.passed, v.status) for v in verdicts] == [(False, "syntax_error")] * 3
+    assert roles == ["judge", "serve"]  # one judge, and the program started once
 
 
 def test_empty_expected_output_never_passes():
