@@ -48,7 +48,8 @@ def code_reward(
         calls sys.exit(0) or os._exit(0) fails). The program's results reach the test as plain data
         (None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset); a test that
         compares one of the program's own objects fails, and builtins are always Python's own.
-    Limits are per test: timeout_s of wall clock from the program's start (also its CPU limit),
+    Limits are per test: timeout_s of wall clock from the program's start, not counting the time it
+    waits for the judge (also its CPU limit),
     memory_mb for everything it holds, max_processes, max_file_mb, max_open_files, max_output_bytes.
     reward.timeout_s, the worker pool's limit per call, must exceed the sum over a row's tests:
     len(tests) * (timeout_s + ~0.1 s) + ~0.1 s, or one slow program scores 0 for all its tests.

@@ -121,7 +121,9 @@ def run_assert_tests(
     use_audit_hook: bool = True,
     allow_missing: tuple[str, ...] | list[str] = (),
 ) -> list[TestVerdict]:
-    """One verdict per test (Python source with asserts), in order; limits as in run_python, per test.
+    """One verdict per test (Python source with asserts), in order; limits as in run_python, per test,
+    where timeout_s counts the program's own time: its start, and each call from its arrival to the
+    answer (not the time it waits while the judge runs the test's code).
 
     A test passes iff its code runs to its end in the judge, and the program started, ran its own code
     to the end (no exit, exception or signal) and was still running when the test ended. A syntax
@@ -176,6 +178,7 @@ class _Session:
                 self.syntax_error = status == "syntax_error"
                 return self._finish(index, [], {"ended": status}, status)
             program.lines.popleft()
+            program.pause()  # the judge's own time is not the program's
             return self._finish(index, [program], {"ready": True}, None)
         finally:
             program.close()
@@ -204,9 +207,11 @@ class _Session:
 
     def _relay(self, message: dict, program: Run) -> bytes:
         """The program's answer to one judge request, or {"ended": why} if it cannot answer."""
+        program.resume()
         if program.stop is None and program.write(dumps(message), program.deadline):
             pump([program, self.judge], until=lambda: bool(program.lines) or program.finished)
             if program.lines:
+                program.pause()
                 return program.lines.popleft() + b"\n"
         program.kill("timeout" if time.monotonic() >= program.deadline else None)
         return dumps({"ended": program.stop or "the program exited"})

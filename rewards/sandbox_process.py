@@ -70,6 +70,8 @@ class Run:
         self.line_cap = limits.max_output_bytes if line_cap is None else line_cap
         self.stdout, self.stderr, self.lines = bytearray(), bytearray(), deque()
         self.started_at: float | None = None
+        self._paused_at: float | None = None
+        self._paused_s = 0.0  # time spent waiting for the judge's next call: not the program's
         self.stop: str | None = None
         self.exited_at: float | None = None
         self.returncode: int | None = None
@@ -137,12 +139,27 @@ class Run:
     def deadline(self) -> float:
         if self.started_at is None:
             return self.spawned_at + _START_TIMEOUT_S
-        return self.started_at + self.limits.timeout_s
+        if self._paused_at is not None:
+            return float("inf")
+        return self.started_at + self._paused_s + self.limits.timeout_s
 
     @property
     def seconds(self) -> float:
-        """Wall time of the program so far (from its start, not from the spawn)."""
-        return 0.0 if self.started_at is None else (self.exited_at or time.monotonic()) - self.started_at
+        """Wall time of the program so far: from its start (not the spawn), pauses left out."""
+        if self.started_at is None:
+            return 0.0
+        end = self._paused_at or self.exited_at or time.monotonic()
+        return end - self.started_at - self._paused_s
+
+    def pause(self) -> None:
+        """Stop the program's clock while it only waits for the judge's next call."""
+        if self._paused_at is None:
+            self._paused_at = time.monotonic()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            self._paused_s += time.monotonic() - self._paused_at
+            self._paused_at = None
 
     @property
     def finished(self) -> bool:
