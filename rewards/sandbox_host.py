@@ -83,28 +83,39 @@ def probe() -> Host:
     """This machine's sandbox layers; cached (the first call costs ~0.2 s: two interpreter starts)."""
     python = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
     missing = {}
-    cgroups, why = find_root()
+    try:
+        cgroups, why = find_root()
+    except (OSError, ValueError) as e:  # an unusual /proc/self/cgroup or mountinfo
+        cgroups, why = None, f"cannot read this process's cgroups ({type(e).__name__}: {e})"
     if cgroups is None:
         missing["memory_cap"] = missing["process_cap"] = why
     else:
         for controller, name in (("memory", "memory_cap"), ("pids", "process_cap")):
             if controller not in cgroups.controllers:
                 missing[name] = f"no writable cgroup with the {controller} controller"
-    bwrap = shutil.which("bwrap", path=os.environ.get("PATH", "") + ":/usr/bin:/bin")
-    view, library_path = (), ""
+    bwrap, view, library_path, why = _isolation(python)
     if bwrap is None:
-        missing["isolation"] = "bubblewrap is not installed (apt-get install bubblewrap; dnf install bubblewrap)"
-    else:
+        missing["isolation"] = why
+    return Host(python, bwrap, view, library_path, cgroups, missing)
+
+
+def _isolation(python: str) -> tuple[str | None, tuple[str, ...], str, str]:
+    """(bwrap, view, library path, "") if a trial sandbox runs the interpreter, else (None, (), "", why)."""
+    bwrap = shutil.which("bwrap", path=os.environ.get("PATH", "") + ":/usr/bin:/bin")
+    if bwrap is None:
+        return None, (), "", "bubblewrap is not installed (apt-get install bubblewrap; dnf install bubblewrap)"
+    try:
         files, search_path = _interpreter_files(python)
         view, library_path = _view_args(python, files, search_path), ":".join(_library_dirs(files))
         trial = subprocess.run(
             [bwrap, *base_args(view, library_path, 1, 1), python, "-I", "-S", "-c", "import json, ctypes, hashlib"],
             capture_output=True, text=True, timeout=60)
-        if trial.returncode != 0:
-            missing["isolation"] = (f"bwrap cannot start a sandbox here ({trial.stderr.strip()[-300:]}); it needs "
-                                    "root or unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1)")
-            bwrap = None
-    return Host(python, bwrap, view, library_path, cgroups, missing)
+    except (OSError, ValueError, subprocess.SubprocessError, SandboxError) as e:
+        return None, (), "", f"cannot build the sandbox's view of {python} ({type(e).__name__}: {e})"
+    if trial.returncode != 0:
+        return None, (), "", (f"bwrap cannot start a sandbox here ({trial.stderr.strip()[-300:]}); it needs root "
+                              "or unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1)")
+    return bwrap, view, library_path, ""
 
 
 def check(allow_missing: tuple[str, ...] | list[str]) -> Host:
