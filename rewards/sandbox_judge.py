@@ -20,6 +20,7 @@ from rewards.sandbox_child import send
 from rewards.sandbox_wire import decode, encode, loads
 
 _EXITS = ("SystemExit", "KeyboardInterrupt", "GeneratorExit")
+_PLAIN = "None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset, Decimal, Fraction"
 
 
 class ProgramEnded(BaseException):
@@ -93,8 +94,8 @@ class Channel:
             return {"ref": value._id}
         if type(value) is ProgramObject:
             raise TypeError("a program object from an earlier test cannot be passed to this test's program")
-        raise TypeError(f"cannot pass a {type(value).__name__} to the program: only plain data (None, bool, int, "
-                        "float, complex, str, bytes, list, tuple, dict, set, frozenset) and the program's own objects")
+        raise TypeError(f"cannot pass a {type(value).__name__} to the program: only plain data ({_PLAIN}) and "
+                        "the program's own objects")
 
 
 def _copy_back(reply: dict, args: tuple, kwargs: dict, resolve) -> None:
@@ -177,7 +178,7 @@ class ProgramObject:
 
     def _refuse(self, *args):
         raise TypeError(f"the program returned a {self._type} object, not plain data; a test can only compare "
-                        "plain data (None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset)")
+                        f"plain data ({_PLAIN})")
 
     __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = __len__ = __contains__ = __hash__ = _refuse
     __index__ = __int__ = __float__ = __complex__ = _refuse

@@ -9,6 +9,7 @@ reference that the judge can only call, index, iterate or read an attribute of (
     list                                 [...]
     tuple, set, frozenset, bytes,        {"tuple": [...]}, {"set": [...]}, {"frozenset": [...]},
     complex, dict                        {"bytes": hex}, {"complex": [re, im]}, {"dict": [[k, v], ...]}
+    decimal.Decimal, fractions.Fraction  {"decimal": str}, {"fraction": [numerator, denominator]}
 
 The sending side also turns subclasses of these types (IntEnum, namedtuple, OrderedDict, Counter...)
 into their base type by the base type's own methods, which a subclass cannot override. Runs inside
@@ -38,6 +39,9 @@ def encode(value: object, on_object) -> object:
         return {"bytes": value.hex()}
     if kind is complex:
         return {"complex": [value.real, value.imag]}
+    if (kind.__module__, kind.__name__) in (("decimal", "Decimal"), ("fractions", "Fraction")):
+        return {"decimal": str(value)} if kind.__name__ == "Decimal" else \
+            {"fraction": [encode(value.numerator, on_object), encode(value.denominator, on_object)]}
     plain = _base_value(value)
     return on_object(value) if plain is None else encode(plain, on_object)
 
@@ -77,6 +81,19 @@ def decode(data: object, resolve) -> object:
         return bytes.fromhex(body)
     if tag == "complex" and type(body) is list and len(body) == 2 and all(type(x) in (int, float) for x in body):
         return complex(*body)
+    if tag == "decimal" and type(body) is str and len(body) < 4096:
+        import decimal  # only where one arrives: ~5 ms
+
+        try:
+            return decimal.Decimal(body)
+        except ArithmeticError:  # decimal.InvalidOperation: not a number
+            raise ValueError(f"not a Decimal: {_preview(body)}") from None
+    if tag == "fraction" and type(body) is list and len(body) == 2:
+        import fractions
+
+        numerator, denominator = (decode(x, resolve) for x in body)
+        if type(numerator) is int and type(denominator) is int and denominator > 0:
+            return fractions.Fraction(numerator, denominator)
     if tag in ("handle", "ref") and type(body) is int:
         return resolve(data)
     raise ValueError(f"not plain data: {_preview(data)}")

@@ -114,6 +114,10 @@ def parse(s):
     if not s:
         raise ValueError("empty")
     return {"words": tuple(s.split()), "chars": set(s)}
+def exact(x):
+    from decimal import Decimal
+    from fractions import Fraction
+    return Fraction(x, 3), Decimal(x) / 4, 10 ** 40 + x, x + 0.5j
 """
     tests = [
         "assert Solution().two_sum([2, 7, 11], 9) == [0, 1]",
@@ -124,6 +128,8 @@ def parse(s):
         "assert parse('a b') == {'words': ('a', 'b'), 'chars': {'a', ' ', 'b'}}",
         "try:\n    parse('')\nexcept ValueError as e:\n    assert 'empty' in str(e)\nelse:\n    assert False",
         "for n in range(50):\n    assert len(list(squares(n))) == n",
+        "from decimal import Decimal\nfrom fractions import Fraction\n"
+        "assert exact(1) == (Fraction(1, 3), Decimal('0.25'), 10 ** 40 + 1, 1 + 0.5j)",
     ]
     verdicts = run_assert_tests(program, tests, timeout_s=5.0)
     assert [v.passed for v in verdicts] == [True] * len(tests), verdicts
