@@ -49,8 +49,9 @@ class RewardResult:
 class CompositeReward:
     """Scores (prompt, response, row) batches with a weighted sum of rewards.
 
-    Construction resolves every name and checks its kwargs, so a bad config fails before
-    training, naming the spec as reward[i]. A call that raises, returns a non-finite value,
+    Construction resolves every name and checks its kwargs (and runs a reward's `preflight(**kwargs)`
+    if it has one: `code` checks the machine's sandbox), so a bad config fails before training,
+    naming the spec as reward[i]. A call that raises, returns a non-finite value,
     or runs past `timeout_s` scores 0.0 and is counted, never raised (calls raise only on
     mismatched lengths or a worker that cannot start). `keys` / `weights` follow spec order.
     Workers start in the constructor (spawned, ~0.2 s; ~1.3 s with `math`, which imports
@@ -226,6 +227,12 @@ def _check_spec(i: int, spec: RewardSpec) -> tuple[str, float, dict]:
         inspect.signature(fn).bind("", "", {}, **kwargs)
     except TypeError as e:
         raise TypeError(f"reward[{i}] ({name}): bad kwargs {dict(kwargs)!r}: {e}") from None
+    preflight = getattr(fn, "preflight", None)  # e.g. code: refuse a machine that lacks a sandbox guarantee
+    if preflight is not None:
+        try:
+            preflight(**kwargs)
+        except Exception as e:
+            raise _indexed(e, i) from e
     return name, float(weight), dict(kwargs)
 
 

@@ -10,7 +10,8 @@ import pytest
 import rewards.code as code_module
 from rewards import REWARDS, CompositeReward
 from rewards.code import extract_program, normalize_output
-from rewards.sandbox import run_python
+import rewards.sandbox as sandbox_module
+from rewards.sandbox import run_assert_tests, run_python
 
 code = REWARDS["code"]
 
@@ -103,6 +104,20 @@ def test_syntax_error_scores_zero_and_stops_early(monkeypatch):
     assert len(calls) == 1  # the other two tests would fail the same way
 
 
+def test_syntax_error_in_assert_tests_starts_the_program_once(monkeypatch):
+    roles = []
+
+    class CountingRun(sandbox_module.Run):
+        def __init__(self, host, role, *args, **kwargs):
+            roles.append(role)
+            super().__init__(host, role, *args, **kwargs)
+
+    monkeypatch.setattr(sandbox_module, "Run", CountingRun)
+    verdicts = run_assert_tests("def f(:\n    pass", ["assert f(1) == 2"] * 3, timeout_s=2.0)
+    assert [(v.passed, v.status) for v in verdicts] == [(False, "syntax_error")] * 3
+    assert roles == ["judge", "serve"]  # one judge, and the program started once
+
+
 def test_empty_expected_output_never_passes():
     # A test expecting no output cannot tell a solution from `pass`, so it never passes
     # (documented choice); it still counts in the denominator.
@@ -152,7 +167,6 @@ def test_run_python_statuses(source, status, returncode):
     result = run_python(source, timeout_s=1.0, memory_mb=256, max_output_bytes=10_000)
     assert (result.status, result.returncode) == (status, returncode), result.stderr[-500:]
     assert len(result.stdout) <= 10_000
-    assert result.finished == (status == "ok")
 
 
 def test_cpu_limit_stops_a_busy_program_before_the_wall_clock():
@@ -197,7 +211,7 @@ with tempfile.TemporaryDirectory() as t, tempfile.NamedTemporaryFile("w", dir=t)
     f.write("x")
 with open(os.devnull, "w") as f:
     print("quiet", file=f)
-print(sorted(os.listdir()), "root:" in open("/etc/passwd").read())  # reading outside is fine
+print(sorted(os.listdir()), "def " in open(os.__file__).read())  # reading the standard library is fine
 """
     result = run_python(program, timeout_s=2.0)
     assert (result.status, result.stdout) == ("ok", "[] True\n"), result.stderr[-1000:]

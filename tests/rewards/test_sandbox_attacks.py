@@ -2,13 +2,12 @@
 
 Every attack program prints the expected output ("PWNED") only if the attack worked, so a
 leak would show up as a score of 1. Each runs twice: through code_reward (all layers), and
-through run_python without the audit hook, to show the OS layers hold by themselves (where
-namespaces are available). After each test no sandbox process may be left.
+through run_python without the audit hook, to show the OS layers hold by themselves. After
+each test no sandbox process may be left. The classes of issue 14 (verdict, memory, files,
+sockets, leftovers) are in test_sandbox_guarantees.py.
 """
 
-import functools
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,61 +15,17 @@ import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
+from sandbox_kit import (EXPECTED, REPO, TIMEOUT_S, fenced, no_stray_processes,  # noqa: F401 (autouse)
+                         require_full_sandbox, run_cgroups, run_without_hook, sandbox_processes,
+                         wait_for_no_sandbox_processes)
 
 from rewards import REWARDS, CompositeReward
-from rewards.sandbox import _UID_BASE, run_python
+from rewards.sandbox import run_python
 
 code = REWARDS["code"]
-EXPECTED = {"tests": [{"input": "", "output": "PWNED"}]}
-TIMEOUT_S = 1.0
 SECRET_NAME = "RLCORE_ATTACK_SECRET"
-
-
-def fenced(program: str) -> str:
-    return f"```python\n{program}\n```"
-
-
-@functools.cache
-def os_layers() -> frozenset[str]:
-    return frozenset(run_python("pass", timeout_s=10.0).layers)
-
-
-def run_without_hook(program: str):
-    """run_python with only the OS layers; skipped (before running anything) where they are not
-    all in force: there an unhooked kill(-1) would hit this test process."""
-    if not {"net", "mnt", "ro", "pid"} <= os_layers():
-        pytest.skip(f"namespaces unavailable here (layers: {sorted(os_layers())}); the audit hook is the barrier")
-    return run_python(program, timeout_s=TIMEOUT_S, use_audit_hook=False)
-
-
-def sandbox_processes() -> list[str]:
-    """Live processes of a sandbox: a run uid, or "rlcore-sandbox-" in the command line."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            status = (entry / "status").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError):
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if fields.get("State", "").split()[:1] == ["Z"]:
-            continue  # already dead, waiting to be reaped
-        uid = int(fields["Uid"].split()[0])
-        if uid >= _UID_BASE or "rlcore-sandbox-" in cmdline:
-            found.append(f"{entry.name} uid={uid} {cmdline[:100]}")
-    return found
-
-
-@pytest.fixture(autouse=True)
-def no_stray_processes():
-    yield
-    deadline = time.monotonic() + 2.0  # the kernel tears a pid namespace down asynchronously
-    while (left := sandbox_processes()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert left == [], f"sandbox processes left behind: {left}"
 
 
 INFINITE_LOOP = """
@@ -143,13 +98,12 @@ print("PWNED" if written else "contained")
 
 def test_writing_outside_the_work_dir(tmp_path):
     name = f"rlcore-attack-{uuid.uuid4().hex}"
-    targets = [str(tmp_path / "pwned"), f"/tmp/{name}", f"/dev/shm/{name}"]
-    program = write_outside_program(targets)
-    assert code("p", fenced(program), EXPECTED) == 0.0
+    host_targets = [str(tmp_path / "pwned"), f"/tmp/{name}"]
+    program = write_outside_program([*host_targets, f"/dev/shm/{name}"])  # the run's own /dev/shm is fine
+    code("p", fenced(program), EXPECTED)
     result = run_without_hook(program)
-    assert result.stdout.strip().endswith("contained"), result.stdout
-    assert "Read-only file system" in result.stdout
-    for target in targets:
+    assert result.stdout.count("No such file or directory") == 2 * len(host_targets), result.stdout
+    for target in [*host_targets, f"/dev/shm/{name}"]:
         assert not os.path.exists(target), target
 
 
@@ -190,7 +144,7 @@ except Exception as e:
 """
     assert code("p", fenced(program), EXPECTED) == 0.0
     result = run_without_hook(program)
-    assert "PWNED" not in result.stdout and "unreachable" in result.stdout, result.stdout
+    assert "PWNED" not in result.stdout and "ConnectionRefusedError" in result.stdout, result.stdout
     time.sleep(0.2)
     assert accepted == []
 
@@ -253,27 +207,30 @@ def test_signalling_the_parent():
     assert received == []  # and SIGKILL would have ended this test process
 
 
-def test_sandbox_dies_with_its_parent():
-    # The reward worker running a sandbox can itself be killed (the pool's timeout): nothing of
-    # the sandbox may outlive it, not even children that left the session.
+def test_a_killed_worker_leaves_nothing_behind(tmp_path):
+    # The reward worker running a sandbox can itself be killed (the pool's timeout): nothing of the
+    # sandbox may outlive it, not even children that left the session, and no temp dir or cgroup
+    # may stay behind (its cgroups are removed by the next run, here in this process).
+    require_full_sandbox()
     program = FORK_BOMB.replace('print("PWNED"', 'time.sleep(60)\nprint("PWNED"')
-    repo = str(Path(__file__).resolve().parents[2])
-    script = f"import sys; sys.path.insert(0, {repo!r}); from rewards.sandbox import run_python; " \
+    script = f"import sys; sys.path.insert(0, {str(REPO)!r}); from rewards.sandbox import run_python; " \
              f"run_python({program!r}, timeout_s=60.0)"
-    bases_before = set(Path("/tmp").glob("rlcore-sandbox-*"))
-    worker = subprocess.Popen([sys.executable, "-c", script])
+    temp = tmp_path.parent / f"rlcore-killed-worker-{uuid.uuid4().hex}"  # its own, so others' runs don't count
+    temp.mkdir(mode=0o711)
+    temp.chmod(0o711)
+    worker = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "TMPDIR": str(temp)})
     try:
         deadline = time.monotonic() + 20.0
-        while len(running := sandbox_processes()) < 3 and time.monotonic() < deadline:  # outer, init, user
+        while len(running := sandbox_processes([worker.pid])) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(running) >= 3, running
+        assert len(running) >= 3, running  # the spawn, the sandbox's init, the program (+ its forks)
     finally:
         worker.kill()
         worker.wait()
-    # The killed parent never removed its base dir (only a SIGKILL can skip that); tidy up.
-    for base in set(Path("/tmp").glob("rlcore-sandbox-*")) - bases_before:
-        shutil.rmtree(base, ignore_errors=True)
-    # no_stray_processes checks that everything is gone.
+    assert wait_for_no_sandbox_processes([worker.pid]) == []
+    assert run_python("pass", timeout_s=5.0).status == "ok"
+    assert run_cgroups(worker.pid) == []
+    assert list(temp.iterdir()) == []
 
 
 def test_attacks_in_a_batch_then_a_normal_program_still_scores(tmp_path, monkeypatch):
