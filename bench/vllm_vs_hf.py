@@ -1,6 +1,6 @@
 """The vllm engine against the hf engine: generated tokens/s and whole RL step time, same run.
 
-    python bench/vllm_vs_hf.py [--shape quickstart|100m ...] [--steps 6] [--threads N]
+    python bench/vllm_vs_hf.py [--shape quickstart|9m|25m|100m ...] [--steps 6] [--threads N]
 
 Needs vLLM (on CPU: the environment `bash .ci/vllm` builds, `.venv-vllm`). For each shape two real
 `Trainer`s are built from the same recipe and seed, one per engine, and their RL steps alternate (one
@@ -11,8 +11,10 @@ shape with the vllm / hf ratios.
 
 Shapes (random-init Qwen2 over the character tokenizer, fp32, GRPO, exact-match reward):
     quickstart  the quickstart's model and batch (hidden 128, 2 layers; 64 prompts x 16 samples, 8 new tokens)
-    100m        hidden 768, 12 layers, 12 heads (4 KV), intermediate 3072: 104M parameters;
+    9m          hidden 384, 6 layers, 6 heads (2 KV), intermediate 1024: 9.4M parameters; as 25m
+    25m         hidden 512, 8 layers, 8 heads (4 KV), intermediate 1408: 23.6M parameters;
                 16 prompts x 8 samples, 64 new tokens
+    100m        hidden 768, 12 layers, 12 heads (4 KV), intermediate 3072: 104M parameters; as 25m
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ COMMON = ["model.warmstart.steps=0", "trainer.eval_every=0", "trainer.save_every
           "trainer.export=false", "trainer.device=cpu", "algo.kl.coef=0", "rollout.verify_sync=true"]
 SHAPES = {
     "quickstart": [],  # the recipe as it is
+    "9m": ["model.tiny.hidden_size=384", "model.tiny.num_layers=6", "model.tiny.num_heads=6",
+           "model.tiny.num_kv_heads=2", "model.tiny.intermediate_size=1024", "train.prompts_per_step=16",
+           "rollout.samples_per_prompt=8", "rollout.max_new_tokens=64", "train.max_tokens_per_microbatch=4096"],
+    "25m": ["model.tiny.hidden_size=512", "model.tiny.num_layers=8", "model.tiny.num_heads=8",
+            "model.tiny.num_kv_heads=4", "model.tiny.intermediate_size=1408", "train.prompts_per_step=16",
+            "rollout.samples_per_prompt=8", "rollout.max_new_tokens=64", "train.max_tokens_per_microbatch=4096"],
     "100m": ["model.tiny.hidden_size=768", "model.tiny.num_layers=12", "model.tiny.num_heads=12",
              "model.tiny.num_kv_heads=4", "model.tiny.intermediate_size=3072", "train.prompts_per_step=16",
              "rollout.samples_per_prompt=8", "rollout.max_new_tokens=64", "train.max_tokens_per_microbatch=4096"],

@@ -13,9 +13,10 @@ from rlcore.models import DTYPES, char_tokenizer, load_model, load_tokenizer, ti
 from rlcore.warmstart import cache_key, cache_root, cached_warmstart
 
 
-VLLM_MIN_PARAMS_ON_CPU = 20_000_000
-"""rollout.engine=auto on CPU picks vllm from this many parameters up: bench/vllm_vs_hf.py measured the
-hf engine faster at the quickstart's 0.4M (vLLM 0.37x its tokens/s) and vLLM faster at 104M."""
+VLLM_MIN_PARAMS_ON_CPU = 5_000_000
+"""rollout.engine=auto on CPU picks vllm from this many parameters up. bench/vllm_vs_hf.py, idle 2-core
+CPU, vllm/hf generated tokens/s: 0.41 at the quickstart's 0.4M, 1.66 at 9.4M, 1.75 at 23.6M, 1.90 at 104M
+(whole RL step 1.45, 0.85, 0.83, 0.85); the crossover lies between, 5M is on the safe side of 9.4M."""
 
 
 def choose_engine(cfg: RLConfig, model, device: str) -> tuple[str, str]:

@@ -157,7 +157,7 @@ class DataConfig(_Node):
 class RolloutConfig(_Node):
     engine: str = "auto"
     """Generation backend: hf, vllm (see `rlcore ls`), or auto: vllm where it is installed and measured
-    faster (on a GPU; on CPU from 20M parameters), hf otherwise. The run's first line says which."""
+    faster (on a GPU; on CPU from 5M parameters), hf otherwise. The run's first line says which."""
     mode: str = "auto"
     """hf engine only: generate (padded), paged (continuous batching) or auto (measured faster)."""
     gpu_memory_utilization: float = 0.5
