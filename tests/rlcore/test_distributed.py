@@ -32,7 +32,8 @@ def test_update_on_two_ranks_equals_one_rank(tmp_path, strategy, agg):
     parameters of one rank within 1e-5 relative. Gradients compare per tensor by relative norm (fp32
     sums in another order differ in the last bits); parameters over the whole model. Per tensor,
     Adam's first step (g / (|g| + eps)) makes a near-zero gradient element's last-bit difference a
-    visible one, and a zero-initialised bias is nothing but that step: 1e-4 there."""
+    visible one, and a zero-initialised bias is nothing but that step: 5e-4 there (a k_proj bias
+    measured 1.04e-4 with transformers 5.25, on the code of 2026-12-02 too: kernel order, not a bug)."""
     one = run_worker(tmp_path / "one.pt", strategy, 1, agg)
     two = run_worker(tmp_path / "two.pt", strategy, 2, agg)
     for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/clipfrac", "actor/approx_kl"):
@@ -47,7 +48,7 @@ def test_update_on_two_ranks_equals_one_rank(tmp_path, strategy, agg):
     assert (diff / sum(a.square().sum() for a in one["params"].values()).sqrt()).item() <= 1e-5  # whole model
     for name, a in one["params"].items():  # per tensor: a zero-initialised bias is all Adam update
         rel = ((two["params"][name] - a).norm() / a.norm().clamp(min=1e-12)).item()
-        assert rel <= 1e-4, ("param", name, rel)
+        assert rel <= 5e-4, ("param", name, rel)
 
 
 def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
