@@ -22,8 +22,6 @@ each printing JSON lines:
   entropy_graph      no trainer: forward+backward with the entropy computed in the autograd graph (as the update
                      does, also when algo.entropy_coef=0) vs not at all, on the workload model (vocab 99) and
                      on the same model with a 32768-token vocabulary; seconds and torch CPU allocator peak.
-  kv_cache           no trainer: the hf engine's generate with transformers' dynamic KV cache (as is) vs
-                     cache_implementation="static", alternating.
   threads            A/B, alternating steps: torch.set_num_threads(1) vs (2).
   reward_overlap     A/B, alternating steps, on the workload with the KL reference (algo.kl.coef=0.04) and
                      2 reward workers: the rewards scored in the workers while the reference forward runs
@@ -60,7 +58,7 @@ from rlcore.metrics import Timer  # noqa: E402
 from rlcore.models import char_tokenizer, tiny_model  # noqa: E402
 
 EXPERIMENTS = ("profile", "generate_overhead", "old_logprobs", "attention", "microbatch", "split_control",
-               "entropy_graph", "kv_cache", "threads", "reward_overlap")
+               "entropy_graph", "threads", "reward_overlap")
 
 
 def emit(record: dict) -> None:
@@ -207,11 +205,11 @@ def exp_microbatch(args) -> None:
     real_split = rlcore.actor.micro_batches
     current = {}
 
-    def split_and_count(prompt_ids, mask, max_tokens):
-        parts = real_split(prompt_ids, mask, max_tokens)
+    def split_and_count(lengths, max_tokens, *, packed):
+        parts = real_split(lengths, max_tokens, packed=packed)
         if torch.is_grad_enabled():  # the update's split
-            lengths = [len(p) + int(n) for p, n in zip(prompt_ids, mask.sum(-1).tolist())]
-            grid = sum(len(i) * max(lengths[j] for j in i) for i in parts)  # rows x longest, per micro-batch
+            # packed: the real tokens; padded: rows x longest, per micro-batch
+            grid = sum(sum(lengths[j] for j in i) if packed else len(i) * max(lengths[j] for j in i) for i in parts)
             grids[current["b"]].append((grid, sum(lengths), len(parts)))
         return parts
 
@@ -281,34 +279,6 @@ def exp_entropy_graph(args) -> None:
                 fn()
             peaks[k] = round(mfu._alloc_peak_bytes(prof) / mfu.MB, 1)
         emit({"experiment": "entropy_graph", "vocab": vocab, "seconds": seconds, "alloc_peak_mb": peaks})
-
-
-def exp_kv_cache(args) -> None:
-    import rollout.hf_padded as padded
-    from rollout import HFEngine, SamplingParams
-
-    tok = char_tokenizer()
-    engine = HFEngine(workload.build_model(tok), eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
-                      mode="generate")
-    prompts = [tok(r["prompt"])["input_ids"] for r in workload.addition_rows()[: workload.PROMPTS_PER_STEP]]
-    sampling = SamplingParams(n=workload.SAMPLES_PER_PROMPT, max_new_tokens=workload.MAX_NEW_TOKENS,
-                              temperature=workload.TEMPERATURE)
-    real_config = padded._generation_config
-
-    def static_config(*a, **k):
-        config = real_config(*a, **k)
-        config.cache_implementation = "static"
-        return config
-
-    def generate(config_fn):
-        padded._generation_config = config_fn
-        try:
-            engine.generate(prompts, sampling)
-        finally:
-            padded._generation_config = real_config
-
-    emit({"experiment": "kv_cache", "generate_s": _median_interleaved(
-        {"dynamic": lambda: generate(real_config), "static": lambda: generate(static_config)}, args.steps)})
 
 
 def exp_threads(args) -> None:
