@@ -15,6 +15,8 @@ each printing JSON lines:
                      log-probs, detached, as old ones; the default for this workload) vs a separate
                      old-log-prob forward. Exactness is a unit test (tests/rlcore/test_actor.py).
   attention          A/B, alternating steps: actor and engine on sdpa (the default) vs eager attention.
+  packing            A/B, alternating steps: two trainers, train.packing=false (right-padded micro-batches) vs
+                     the default (packed); generation is the same code in both.
   microbatch         trainers with train.max_tokens_per_microbatch 8192, 2048 (the quickstart's), 1024, interleaved:
                      padding computed vs update time.
   split_control      no trainer: forward+backward of 128 rows x 38 tokens with no padding, cut into 1, 2, 4, 8
@@ -57,8 +59,8 @@ from rlcore.logprobs import response_logprobs  # noqa: E402
 from rlcore.metrics import Timer  # noqa: E402
 from rlcore.models import char_tokenizer, tiny_model  # noqa: E402
 
-EXPERIMENTS = ("profile", "generate_overhead", "old_logprobs", "attention", "microbatch", "split_control",
-               "entropy_graph", "threads", "reward_overlap")
+EXPERIMENTS = ("profile", "generate_overhead", "old_logprobs", "attention", "packing", "microbatch",
+               "split_control", "entropy_graph", "threads", "reward_overlap")
 
 
 def emit(record: dict) -> None:
@@ -196,6 +198,19 @@ def exp_attention(args) -> None:
                                   for k in ("step", "generate", "logprobs", "update")}})
     finally:
         trainer.close()
+
+
+def exp_packing(args) -> None:
+    trainers = {"padded": workload.build_rlcore_trainer(["train.packing=false"]),
+                "packed": workload.build_rlcore_trainer()}
+    try:
+        result = run_ab({k: (t, nothing, nothing) for k, t in trainers.items()}, args.warmup, args.steps)
+        emit({"experiment": "packing", **result,
+              "packed_over_padded": {k: round(result["packed"][k] / result["padded"][k], 3)
+                                     for k in ("step", "generate", "update") if result["padded"][k]}})
+    finally:
+        for t in trainers.values():
+            t.close()
 
 
 def exp_microbatch(args) -> None:

@@ -64,11 +64,11 @@ def response_values(model, prompt_ids: list[list[int]], response_ids: Tensor, ma
 
     Gradients flow when called under grad mode (the update); wrap in no_grad for V_old.
     lengths: (B,) real response tokens (rlcore.batch.response_lengths when None); packed: an unpadded
-    forward (rlcore.packing), None = wherever the model supports it.
+    forward (rlcore.packing) where the model supports it; False: padded.
     """
     lengths = response_lengths(mask) if lengths is None else lengths
     device = next(model.parameters()).device
-    packed = supports_packing(model) if packed is None else packed
+    packed = packed is not False and supports_packing(model)  # checked per call: attention can be switched
     layout = build_layout(prompt_ids, response_ids, lengths.tolist(), pad_id=pad_id, packed=packed,
                           attn_impl=model.config._attn_implementation or "sdpa", device=device)
     out = model(input_ids=layout.input_ids, **layout.forward_kwargs).logits[..., 0]  # (R, W)

@@ -96,7 +96,7 @@ def response_logprobs(
     does not keep a (tokens x vocab) fp32 tensor alive for it. moe: routing replay, expert-load
     statistics and the router aux loss of MoE models (rlcore.moe.MoEForward).
     lengths: (B,) real response tokens per row (trained or not; rlcore.batch.response_lengths when None).
-    packed: run the forward without padding (rlcore.packing); None = wherever the model supports it.
+    packed: run the forward without padding (rlcore.packing) where the model supports it; False: padded.
     """
     scorer = model if isinstance(model, ResponseScorer) else ResponseScorer(model)
     layout, keep = _layout(scorer.model, prompt_ids, response_ids, mask, lengths, pad_id=pad_id, packed=packed)
@@ -118,7 +118,7 @@ def _layout(model, prompt_ids, response_ids: Tensor, mask: Tensor, lengths: Tens
     """The forward's Layout and keep (B, T) bool: the tokens to score (mask 1, within the real length)."""
     lengths = response_lengths(mask) if lengths is None else lengths.long()
     device = next(model.parameters()).device
-    packed = supports_packing(model) if packed is None else packed
+    packed = packed is not False and supports_packing(model)  # checked per call: attention can be switched
     layout = build_layout(prompt_ids, response_ids, lengths.tolist(), pad_id=pad_id, packed=packed,
                           attn_impl=model.config._attn_implementation or "sdpa", device=device)
     keep = mask.bool() & (torch.arange(mask.shape[1])[None, :] < lengths[:, None])
