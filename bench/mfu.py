@@ -25,9 +25,11 @@ Model FLOPs (N = unique parameters, tied embedding counted once since it is the 
 L = sequence length; l = layers; d = heads x head_dim):
   forward  per token: 2 N + 2 l d L      (the 2 l d L: causal QK^T and AV, 4 l d x average context L/2)
   fwd+bwd  per token: 6 N + 6 l d L      (backward = 2 x forward)
-Generation counts its real tokens only (prompt prefill + sampled tokens), not the rows that already
-stopped and keep being decoded as padding; the logprobs/update phases count prompt + response tokens
-(padding excluded). The embedding lookup and the LM head on prompt positions (which rlcore skips) make
+Generation counts its real tokens only (prompt prefill + sampled tokens); the logprobs/update phases count
+prompt + response tokens, which is what they compute since issue 16 (packed forwards; the hf engine's
+decode drops ended rows). padding_waste is what one right-padded grid (update) and a decode of every row
+to the longest (generate) would have wasted. A phase that did not run (the old-log-prob forward under the
+on-policy fast path) counts no FLOPs. The embedding lookup and the LM head on prompt positions (which rlcore skips) make
 this count differ from the executed FLOPs by under 1% on this model.
 """
 
@@ -216,7 +218,8 @@ def rl_step_breakdown(steps: int, peak: float, memory: bool) -> tuple[dict, dict
         phases = sorted({k for r in records for k in r if k.startswith("timing/")})
         med = {k.removeprefix("timing/"): statistics.median(r.get(k, 0.0) for r in records) for k in phases}
         tokens = {k: statistics.median(r["tokens"][k] for r in records) for k in records[0]["tokens"]}
-        flops = phase_flops(shape, tokens)
+        # Phases that ran: the on-policy fast path skips the old-log-prob forward (logprobs takes 0 s)
+        flops = {k: v for k, v in phase_flops(shape, tokens).items() if med.get(k, 0.0) > 0}
         out = {"kind": "rl_step", "steps": steps, "threads": torch.get_num_threads(),
                "loadavg_1m": round(os.getloadavg()[0], 2),
                "seconds": {k: round(v, 4) for k, v in med.items()},

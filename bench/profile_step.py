@@ -15,6 +15,8 @@ each printing JSON lines:
                      log-probs, detached, as old ones; the default for this workload) vs a separate
                      old-log-prob forward. Exactness is a unit test (tests/rlcore/test_actor.py).
   attention          A/B, alternating steps: actor and engine on sdpa (the default) vs eager attention.
+  packing            A/B, alternating steps: two trainers, train.packing=false (right-padded micro-batches) vs
+                     the default (packed); generation is the same code in both.
   microbatch         trainers with train.max_tokens_per_microbatch 8192, 2048 (the quickstart's), 1024, interleaved:
                      padding computed vs update time.
   split_control      no trainer: forward+backward of 128 rows x 38 tokens with no padding, cut into 1, 2, 4, 8
@@ -22,8 +24,6 @@ each printing JSON lines:
   entropy_graph      no trainer: forward+backward with the entropy computed in the autograd graph (as the update
                      does, also when algo.entropy_coef=0) vs not at all, on the workload model (vocab 99) and
                      on the same model with a 32768-token vocabulary; seconds and torch CPU allocator peak.
-  kv_cache           no trainer: the hf engine's generate with transformers' dynamic KV cache (as is) vs
-                     cache_implementation="static", alternating.
   threads            A/B, alternating steps: torch.set_num_threads(1) vs (2).
   reward_overlap     A/B, alternating steps, on the workload with the KL reference (algo.kl.coef=0.04) and
                      2 reward workers: the rewards scored in the workers while the reference forward runs
@@ -59,8 +59,8 @@ from rlcore.logprobs import response_logprobs  # noqa: E402
 from rlcore.metrics import Timer  # noqa: E402
 from rlcore.models import char_tokenizer, tiny_model  # noqa: E402
 
-EXPERIMENTS = ("profile", "generate_overhead", "old_logprobs", "attention", "microbatch", "split_control",
-               "entropy_graph", "kv_cache", "threads", "reward_overlap")
+EXPERIMENTS = ("profile", "generate_overhead", "old_logprobs", "attention", "packing", "microbatch",
+               "split_control", "entropy_graph", "threads", "reward_overlap")
 
 
 def emit(record: dict) -> None:
@@ -200,6 +200,19 @@ def exp_attention(args) -> None:
         trainer.close()
 
 
+def exp_packing(args) -> None:
+    trainers = {"padded": workload.build_rlcore_trainer(["train.packing=false"]),
+                "packed": workload.build_rlcore_trainer()}
+    try:
+        result = run_ab({k: (t, nothing, nothing) for k, t in trainers.items()}, args.warmup, args.steps)
+        emit({"experiment": "packing", **result,
+              "packed_over_padded": {k: round(result["packed"][k] / result["padded"][k], 3)
+                                     for k in ("step", "generate", "update") if result["padded"][k]}})
+    finally:
+        for t in trainers.values():
+            t.close()
+
+
 def exp_microbatch(args) -> None:
     budgets = (8192, 2048, 1024)
     trainers = {b: workload.build_rlcore_trainer([f"train.max_tokens_per_microbatch={b}"]) for b in budgets}
@@ -207,11 +220,11 @@ def exp_microbatch(args) -> None:
     real_split = rlcore.actor.micro_batches
     current = {}
 
-    def split_and_count(prompt_ids, mask, max_tokens):
-        parts = real_split(prompt_ids, mask, max_tokens)
+    def split_and_count(lengths, max_tokens, *, packed):
+        parts = real_split(lengths, max_tokens, packed=packed)
         if torch.is_grad_enabled():  # the update's split
-            lengths = [len(p) + int(n) for p, n in zip(prompt_ids, mask.sum(-1).tolist())]
-            grid = sum(len(i) * max(lengths[j] for j in i) for i in parts)  # rows x longest, per micro-batch
+            # packed: the real tokens; padded: rows x longest, per micro-batch
+            grid = sum(sum(lengths[j] for j in i) if packed else len(i) * max(lengths[j] for j in i) for i in parts)
             grids[current["b"]].append((grid, sum(lengths), len(parts)))
         return parts
 
@@ -281,34 +294,6 @@ def exp_entropy_graph(args) -> None:
                 fn()
             peaks[k] = round(mfu._alloc_peak_bytes(prof) / mfu.MB, 1)
         emit({"experiment": "entropy_graph", "vocab": vocab, "seconds": seconds, "alloc_peak_mb": peaks})
-
-
-def exp_kv_cache(args) -> None:
-    import rollout.hf_padded as padded
-    from rollout import HFEngine, SamplingParams
-
-    tok = char_tokenizer()
-    engine = HFEngine(workload.build_model(tok), eos_token_ids=[tok.eos_token_id], pad_token_id=tok.pad_token_id,
-                      mode="generate")
-    prompts = [tok(r["prompt"])["input_ids"] for r in workload.addition_rows()[: workload.PROMPTS_PER_STEP]]
-    sampling = SamplingParams(n=workload.SAMPLES_PER_PROMPT, max_new_tokens=workload.MAX_NEW_TOKENS,
-                              temperature=workload.TEMPERATURE)
-    real_config = padded._generation_config
-
-    def static_config(*a, **k):
-        config = real_config(*a, **k)
-        config.cache_implementation = "static"
-        return config
-
-    def generate(config_fn):
-        padded._generation_config = config_fn
-        try:
-            engine.generate(prompts, sampling)
-        finally:
-            padded._generation_config = real_config
-
-    emit({"experiment": "kv_cache", "generate_s": _median_interleaved(
-        {"dynamic": lambda: generate(real_config), "static": lambda: generate(static_config)}, args.steps)})
 
 
 def exp_threads(args) -> None:

@@ -15,12 +15,14 @@ from collections import defaultdict
 import torch
 
 from algos import KL_ESTIMATORS, POLICY_LOSSES, aggregate
-from rlcore.batch import TrainBatch, split_by_tokens
+from rlcore.balance import exchange_batch, exchange_rows
+from rlcore.batch import TrainBatch, balance_by_tokens, response_lengths, split_by_tokens
 from rlcore.config import RLConfig
 from rlcore import dist
 from rlcore.guard import UpdateGuard
 from rlcore.logprobs import ResponseScorer, response_logprobs
 from rlcore.moe import LoadStats, MoEForward
+from rlcore.packing import supports_packing
 from rlcore.sharding import scalar
 from rollout.routing import routers
 
@@ -34,43 +36,65 @@ def build_optimizer(model, cfg: RLConfig):
     return optimizer, scheduler
 
 
-def micro_batches(prompt_ids, mask, max_tokens: int) -> list[list[int]]:
-    """Row indices of token-budget micro-batches. With several ranks every rank gets as many as the
-    rank that needs the most (FSDP gathers layers in each forward: the ranks must run in lockstep);
-    the others split their largest micro-batches in half, which keeps them within the budget."""
-    lengths = [len(p) + int(n) for p, n in zip(prompt_ids, mask.sum(-1).tolist())]
-    parts = split_by_tokens(lengths, max_tokens)
+def micro_batches(seq_lens: list[int], max_tokens: int, *, packed: bool) -> list[list[int]]:
+    """Row indices of token-budget micro-batches; seq_lens: prompt + real response tokens per row.
+
+    packed: the real tokens of a micro-batch fit max_tokens, spread evenly over as few micro-batches as
+    fit (rlcore.batch.balance_by_tokens). Padded: rows x longest fit it (rows sorted by length).
+    With several ranks every rank runs as many micro-batches as the rank that needs the most (FSDP
+    gathers layers in each forward: the ranks must run in lockstep): packed, the others spread their
+    tokens over that many; padded, they split their largest micro-batches in half.
+    """
+    parts = balance_by_tokens(seq_lens, max_tokens) if packed else split_by_tokens(seq_lens, max_tokens)
     count = int(dist.all_reduce(torch.tensor([len(parts)]), "max").item())
+    if count > len(seq_lens):
+        raise RuntimeError(f"this rank has {len(seq_lens)} rows, too few for the {count} micro-batches another "
+                           "rank needs; give every rank the same number of samples")
+    if packed and count > len(parts):
+        return balance_by_tokens(seq_lens, max_tokens, num_parts=count)
     while len(parts) < count:
         largest = max(range(len(parts)), key=lambda i: len(parts[i]))
-        if len(parts[largest]) < 2:
-            raise RuntimeError(f"this rank has {len(lengths)} rows, too few for the {count} micro-batches another "
-                               "rank needs; give every rank the same number of samples")
         rows = parts.pop(largest)
         parts += [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
     return parts
 
 
+def sequence_lengths(prompt_ids: list[list[int]], lengths: torch.Tensor) -> list[int]:
+    """Prompt + real response tokens per row."""
+    return [len(p) + n for p, n in zip(prompt_ids, lengths.tolist())]
+
+
 @torch.no_grad()
 def batched_logprobs(model, prompt_ids, response_ids, mask, *, temperature: float, pad_id: int,
-                     max_tokens: int, routing=None, replay: bool = False, stats: LoadStats | None = None
-                     ) -> torch.Tensor:
+                     max_tokens: int, routing=None, replay: bool = False, stats: LoadStats | None = None,
+                     lengths: torch.Tensor | None = None, packed: bool = True) -> torch.Tensor:
     """(B, T) log-probs of a whole rollout, computed micro-batch by micro-batch (no grad).
 
     MoE (stats given): routing per row is compared with the model's own routing, and forced if replay.
+    lengths: (B,) real response tokens (rlcore.batch.response_lengths when None). packed: unpadded
+    forwards where the model supports them (rlcore.packing). With several ranks the rows are first
+    spread over the ranks by tokens (rlcore.balance) and the log-probs come back to their own rank.
     """
     was_training = model.training
     model.eval()
+    lengths = response_lengths(mask) if lengths is None else lengths
+    packed = packed and supports_packing(model)
+    width = mask.shape[1]
+    rows, exchange = exchange_rows(dict(prompt_ids=prompt_ids, response_ids=response_ids, mask=mask, lengths=lengths,
+                                        routing=routing), sequence_lengths(prompt_ids, lengths))
+    prompt_ids, response_ids, mask, lengths, routing = (rows[k] for k in ("prompt_ids", "response_ids", "mask",
+                                                                          "lengths", "routing"))
     out = torch.zeros(mask.shape)
-    for idx in micro_batches(prompt_ids, mask, max_tokens):
-        T = max(1, int(mask[idx].sum(-1).max().item()))
+    for idx in micro_batches(sequence_lengths(prompt_ids, lengths), max_tokens, packed=packed):
+        T = max(1, int(lengths[idx].max().item()))
         moe = None if stats is None else MoEForward(
             routing=None if routing is None else [routing[i] for i in idx], replay=replay, aux=False, stats=stats)
         logp, _ = response_logprobs(model, [prompt_ids[i] for i in idx], response_ids[idx, :T], mask[idx, :T],
-                                    temperature=temperature, pad_id=pad_id, moe=moe)
+                                    temperature=temperature, pad_id=pad_id, moe=moe, lengths=lengths[idx],
+                                    packed=packed)
         out[idx, :T] = logp.cpu()
     model.train(was_training)
-    return out
+    return out if exchange is None else exchange.give_back(out, width)
 
 
 class Actor:
@@ -84,14 +108,17 @@ class Actor:
         self.optimizer, self.scheduler = build_optimizer(model, cfg)
         self.guard = UpdateGuard("actor", cfg.train.max_nonfinite_updates)
         self.is_moe = bool(routers(model))
+        self.packed = cfg.train.packing and supports_packing(model)
         self._load: LoadStats | None = None  # expert load over one update's forwards (MoE)
 
-    def logprobs(self, prompt_ids, response_ids, mask, routing=None) -> tuple[torch.Tensor, dict[str, float]]:
+    def logprobs(self, prompt_ids, response_ids, mask, routing=None, lengths=None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
         """Old log-probs (no grad) and, for MoE with recorded routing, moe/routing_mismatch."""
         stats = LoadStats() if self.is_moe else None
         logp = batched_logprobs(self.scorer, prompt_ids, response_ids, mask, temperature=self.cfg.rollout.temperature,
                                 pad_id=self.pad_id, max_tokens=self.cfg.train.max_tokens_per_microbatch,
-                                routing=routing, replay=self.cfg.algo.routing_replay, stats=stats)
+                                routing=routing, replay=self.cfg.algo.routing_replay, stats=stats, lengths=lengths,
+                                packed=self.packed)
         metrics = {} if stats is None else stats.metrics()
         return logp, {k: v for k, v in metrics.items() if k == "moe/routing_mismatch"}
 
@@ -108,6 +135,8 @@ class Actor:
         many = t.epochs_per_step * t.minibatches_per_step > 1
         if batch.old_logprobs is None and (t.epochs_per_step > 1 or self.seqs_per_minibatch < len(batch)):
             raise ValueError("old_logprobs may be omitted only for one epoch of one mini-batch (exactly on-policy)")
+        width = batch.mask.shape[1]
+        batch, exchange = exchange_batch(batch, sequence_lengths(batch.prompt_ids, batch.real_lengths()))
         record = torch.zeros(batch.mask.shape) if batch.old_logprobs is None else None
         self._load = LoadStats() if self.is_moe else None
         for _ in range(t.epochs_per_step):
@@ -122,6 +151,8 @@ class Actor:
         metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
         if self._load is not None:  # expert load over the update; routing mismatch if it was the old pass
             metrics |= self._load.metrics()
+        if exchange is not None and record is not None:  # the old log-probs back to the ranks of their rows
+            record = exchange.give_back(record, width)
         return metrics, record
 
     def _minibatch_step(self, mini: TrainBatch, record: torch.Tensor | None = None) -> dict[str, float]:
@@ -140,7 +171,8 @@ class Actor:
         stats: dict[str, float] = defaultdict(float)
         total_loss = 0.0  # this rank's part of the mini-batch loss, every term included
         self.optimizer.zero_grad(set_to_none=True)
-        for idx in micro_batches(mini.prompt_ids, mini.mask, t.max_tokens_per_microbatch):
+        seq_lens = sequence_lengths(mini.prompt_ids, mini.real_lengths())
+        for idx in micro_batches(seq_lens, t.max_tokens_per_microbatch, packed=self.packed):
             micro = mini.select(idx)
             mask = micro.mask.to(device)
             # Losses already carry the global normalisation: they add up; ratios are token-weighted.
@@ -150,7 +182,8 @@ class Actor:
                 mismatch=micro.old_logprobs is None)  # on-policy: this pass is the old-log-prob pass
             logp, entropy = response_logprobs(self.scorer, micro.prompt_ids, micro.response_ids, micro.mask,
                                               temperature=self.cfg.rollout.temperature, pad_id=self.pad_id,
-                                              with_entropy=True, entropy_grad=a.entropy_coef != 0, moe=moe)
+                                              with_entropy=True, entropy_grad=a.entropy_coef != 0, moe=moe,
+                                              lengths=micro.real_lengths(), packed=self.packed)
             if micro.old_logprobs is None:  # exactly on-policy: ratio 1 in value, gradient of logp
                 old = logp.detach()
                 record[idx, : old.shape[1]] = old.cpu()

@@ -1,10 +1,16 @@
 """Typed batch containers and token-budget micro-batching.
 
 Shapes: B = sequences, T = response tokens (right-padded), P = longest prompt + response.
+
+Padding and the mask are different things: a row's real tokens are its first `lengths[b]` response
+tokens (padding after them); `mask` marks the tokens that are trained, which may leave out real
+tokens inside the response (tool outputs). Forwards keep every real token and drop only padding.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -31,6 +37,8 @@ class RolloutBatch:
     """(B,) bool, hit max_new_tokens without a stop token."""
     routing: list[Tensor] | None = None
     """MoE: per sample, (prompt + response - 1, layers, top_k) expert ids chosen during rollout."""
+    lengths: Tensor | None = None
+    """(B,) long, real response tokens per row (trained or not); None: response_lengths(mask)."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -55,6 +63,7 @@ class RolloutBatch:
             group_ids=torch.tensor([g for g, _, _ in flat], dtype=torch.long),
             is_truncated=torch.tensor([s.finish_reason == "length" for _, _, s in flat]),
             routing=None if any(s.routing is None for _, _, s in flat) else [s.routing for _, _, s in flat],
+            lengths=torch.tensor([len(s.token_ids) for _, _, s in flat], dtype=torch.long),
         )
 
 
@@ -102,19 +111,25 @@ class TrainBatch:
     routing: list[Tensor] | None = None
     """MoE: the rollout's expert ids per sample (RolloutBatch.routing), replayed when
     algo.routing_replay is on and compared with the training forward's own routing."""
+    lengths: Tensor | None = None
+    """(B,) long, real response tokens per row (RolloutBatch.lengths); None: response_lengths(mask)."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
+    def real_lengths(self) -> Tensor:
+        """(B,) long real response tokens per row."""
+        return response_lengths(self.mask) if self.lengths is None else self.lengths
+
     def select(self, idx: list[int]) -> "TrainBatch":
         """Rows `idx`, with T trimmed to the longest selected response."""
         index = torch.tensor(idx, dtype=torch.long)
-        T = max(1, int(self.mask[index].sum(-1).max().item()))
+        T = max(1, int(self.real_lengths()[index].max().item()))
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
-                out[f.name] = v[index, :T]  # None fields stay None
+                out[f.name] = v[index] if v.dim() == 1 else v[index, :T]  # None fields stay None
             elif isinstance(v, list):
                 out[f.name] = [v[i] for i in idx]
             else:
@@ -141,3 +156,42 @@ def split_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:
     if current:
         batches.append(current)
     return batches
+
+
+def response_lengths(mask: Tensor) -> Tensor:
+    """(B,) long: one past each row's last token with mask 1 (0 for a row without one).
+
+    For batches that do not carry their real lengths. Tokens after a row's last trained token affect
+    no trained token (attention is causal), so ending the row there changes no log-prob or value.
+    """
+    positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+    return (mask.ne(0) * positions).amax(-1) if mask.shape[1] else torch.zeros(mask.shape[0], dtype=torch.long)
+
+
+def balance_by_tokens(lengths: list[int], max_tokens: int, num_parts: int | None = None) -> list[list[int]]:
+    """Micro-batches of row indices for packed forwards (no padding: a part costs the sum of its lengths).
+
+    The fewest parts whose token sums fit max_tokens (at least num_parts when given), the tokens spread
+    evenly: rows longest first, each onto the part with the fewest tokens so far (LPT scheduling, within
+    4/3 of the best possible largest part). A row longer than max_tokens gets a part of its own.
+    """
+    if not lengths:
+        return []
+    count = max(num_parts or 1, math.ceil(sum(lengths) / max_tokens))
+    while True:
+        parts = _lpt(lengths, min(count, len(lengths)))
+        largest = max(sum(lengths[i] for i in p) for p in parts)
+        if largest <= max_tokens or count >= len(lengths):
+            return parts
+        count += 1
+
+
+def _lpt(lengths: list[int], count: int) -> list[list[int]]:
+    """count parts, longest-processing-time-first; rows in ascending index order within a part."""
+    heap = [(0, k) for k in range(count)]  # (tokens so far, part)
+    parts: list[list[int]] = [[] for _ in range(count)]
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        tokens, k = heapq.heappop(heap)
+        parts[k].append(i)
+        heapq.heappush(heap, (tokens + lengths[i], k))
+    return [sorted(p) for p in parts]

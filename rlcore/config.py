@@ -340,7 +340,13 @@ class TrainConfig(_Node):
     epochs_per_step: int = 1
     """Passes over the step's samples."""
     max_tokens_per_microbatch: int = 8192
-    """Token budget of one forward/backward (prompt + response tokens); gradients accumulate."""
+    """Token budget of one forward/backward (prompt + response tokens); gradients accumulate. Packed, the
+    real tokens of a micro-batch, spread evenly over as few micro-batches as fit; padded, rows x longest."""
+    packing: bool = True
+    """Training forwards (old/ref log-probs, values, updates) without padding: the sequences of a
+    micro-batch packed into one row, attention kept within each (varlen flash kernel on a GPU in
+    bf16/fp16, length buckets on CPU). Needs sdpa or flash attention without sliding windows; other
+    models, or false, use right-padded rows. Same results to float rounding (docs/scaling.md)."""
     lr: float = 1e-6
     """Peak learning rate (AdamW)."""
     warmup_steps: int = 0

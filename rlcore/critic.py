@@ -18,9 +18,11 @@ from transformers import AutoConfig, AutoModelForTokenClassification
 
 from algos import masked_mean, value_loss
 from rlcore import dist
-from rlcore.actor import micro_batches, step_unless_nonfinite
+from rlcore.actor import micro_batches, sequence_lengths, step_unless_nonfinite
+from rlcore.balance import exchange_rows
+from rlcore.batch import response_lengths
 from rlcore.guard import UpdateGuard
-from rlcore.logprobs import pack_inputs
+from rlcore.packing import build_layout, supports_packing
 from rlcore.sharding import scalar
 
 
@@ -57,36 +59,53 @@ def load_value_model(path: str) -> torch.nn.Module:
 
 
 def response_values(model, prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor, *,
-                    pad_id: int) -> Tensor:
+                    pad_id: int, lengths: Tensor | None = None, packed: bool | None = None) -> Tensor:
     """V[b, t] at position prompt_len_b − 1 + t, (B, T) float32, 0 where mask is 0.
 
     Gradients flow when called under grad mode (the update); wrap in no_grad for V_old.
+    lengths: (B,) real response tokens (rlcore.batch.response_lengths when None); packed: an unpadded
+    forward (rlcore.packing) where the model supports it; False: padded.
     """
+    lengths = response_lengths(mask) if lengths is None else lengths
     device = next(model.parameters()).device
-    input_ids, attention_mask, pos = pack_inputs(prompt_ids, response_ids, mask, pad_id)
-    out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[..., 0]  # (B, P)
-    values = torch.gather(out.float(), 1, pos.to(device))  # (B, T)
+    packed = packed is not False and supports_packing(model)  # checked per call: attention can be switched
+    layout = build_layout(prompt_ids, response_ids, lengths.tolist(), pad_id=pad_id, packed=packed,
+                          attn_impl=model.config._attn_implementation or "sdpa", device=device)
+    out = model(input_ids=layout.input_ids, **layout.forward_kwargs).logits[..., 0]  # (R, W)
+    values = out.float().flatten()[layout.pos]  # (B, T)
     return values * mask.to(device=device, dtype=values.dtype)
 
 
-def _rows(idx: list[int], prompt_ids, *tensors: Tensor):
-    """Rows `idx` of the prompts and of each (B, T) tensor, T trimmed to the longest selected response."""
+def _rows(idx: list[int], prompt_ids, lengths: Tensor, *tensors: Tensor):
+    """Rows `idx` of the prompts, of the (B,) lengths and of each (B, T) tensor, T trimmed to the longest
+    selected response."""
     index = torch.tensor(idx, dtype=torch.long)
-    T = max(1, int(tensors[0][index].sum(-1).max().item()))  # tensors[0] is the mask
-    return [prompt_ids[i] for i in idx], *(t[index, :T] for t in tensors)
+    T = max(1, int(lengths[index].max().item()))
+    return [prompt_ids[i] for i in idx], lengths[index], *(t[index, :T] for t in tensors)
+
+
+def explained_variance(returns: Tensor, old_values: Tensor, mask: Tensor) -> dict[str, float]:
+    """critic/explained_variance of the pre-update values (population variances, as algos.value_loss)."""
+    m = mask.float()
+    var_returns = masked_mean((returns - masked_mean(returns, m)).square(), m)
+    err = returns - old_values
+    var_err = masked_mean((err - masked_mean(err, m)).square(), m)
+    return {"critic/explained_variance": float(1.0 - var_err / (var_returns + 1e-8))}
 
 
 class Critic:
     def __init__(self, model, *, lr: float, warmup_steps: int, weight_decay: float, max_grad_norm: float,
                  value_clip: float, aggregation: str, max_tokens_per_microbatch: int, seqs_per_minibatch: int,
-                 pad_id: int, norm_len: int | None = None, max_nonfinite_updates: int = 3):
+                 pad_id: int, norm_len: int | None = None, max_nonfinite_updates: int = 3, packing: bool = True):
         """`norm_len`: the constant of seq-mean-token-sum-norm (pass rollout.max_new_tokens, as the
         actor does); None uses the padded length T of the batch given to `update`.
-        `max_nonfinite_updates`: skipped non-finite steps in a row that stop the run (rlcore.guard)."""
+        `max_nonfinite_updates`: skipped non-finite steps in a row that stop the run (rlcore.guard).
+        `packing`: forwards without padding where the model supports them (train.packing)."""
         self.model, self.pad_id = model, pad_id
         self.max_grad_norm, self.value_clip, self.aggregation = max_grad_norm, value_clip, aggregation
         self.max_tokens, self.seqs_per_minibatch = max_tokens_per_microbatch, seqs_per_minibatch
         self.norm_len = norm_len
+        self.packed = packing and supports_packing(model)
         self.guard = UpdateGuard("critic", max_nonfinite_updates)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -95,26 +114,41 @@ class Critic:
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
 
     @torch.no_grad()
-    def values(self, prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor) -> Tensor:
-        """(B, T) values of a whole rollout on CPU, micro-batch by micro-batch (no grad)."""
+    def values(self, prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor,
+               lengths: Tensor | None = None) -> Tensor:
+        """(B, T) values of a whole rollout on CPU, micro-batch by micro-batch (no grad).
+        lengths: (B,) real response tokens (rlcore.batch.response_lengths when None)."""
         was_training = self.model.training
         self.model.eval()
+        lengths = response_lengths(mask) if lengths is None else lengths
+        width = mask.shape[1]
+        rows, exchange = exchange_rows(dict(prompt_ids=prompt_ids, response_ids=response_ids, mask=mask,
+                                            lengths=lengths), sequence_lengths(prompt_ids, lengths))
+        prompt_ids, response_ids, mask, lengths = (rows[k] for k in ("prompt_ids", "response_ids", "mask", "lengths"))
         out = torch.zeros(mask.shape)
-        for idx in micro_batches(prompt_ids, mask, self.max_tokens):
-            prompts, micro_mask, micro_ids = _rows(idx, prompt_ids, mask, response_ids)
+        for idx in micro_batches(sequence_lengths(prompt_ids, lengths), self.max_tokens, packed=self.packed):
+            prompts, micro_lengths, micro_mask, micro_ids = _rows(idx, prompt_ids, lengths, mask, response_ids)
             T = micro_mask.shape[1]
-            out[idx, :T] = response_values(self.model, prompts, micro_ids, micro_mask, pad_id=self.pad_id).cpu()
+            out[idx, :T] = response_values(self.model, prompts, micro_ids, micro_mask, pad_id=self.pad_id,
+                                           lengths=micro_lengths, packed=self.packed).cpu()
         self.model.train(was_training)
-        return out
+        return out if exchange is None else exchange.give_back(out, width)
 
     def update(self, prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor, returns: Tensor,
-               old_values: Tensor, *, epochs: int = 1, minibatches: int = 1) -> dict[str, float]:
+               old_values: Tensor, *, epochs: int = 1, minibatches: int = 1, lengths: Tensor | None = None
+               ) -> dict[str, float]:
         """Epochs x mini-batches (of `seqs_per_minibatch` rows) of critic steps; returns critic/* metrics.
 
-        returns (GAE targets), old_values (V at rollout time), mask: (B, T).
+        returns (GAE targets), old_values (V at rollout time), mask: (B, T); lengths (B,) as in values().
         """
         self.model.train()
+        lengths = response_lengths(mask) if lengths is None else lengths
         norm_len = self.norm_len or mask.shape[1]
+        metrics = explained_variance(returns, old_values, mask)  # of this rank's own rows, before they move
+        rows, _ = exchange_rows(dict(prompt_ids=prompt_ids, response_ids=response_ids, mask=mask, returns=returns,
+                                     old_values=old_values, lengths=lengths), sequence_lengths(prompt_ids, lengths))
+        prompt_ids, response_ids, mask, returns, old_values, lengths = (
+            rows[k] for k in ("prompt_ids", "response_ids", "mask", "returns", "old_values", "lengths"))
         sums: dict[str, float] = defaultdict(float)
         num_updates = 0
         B = len(prompt_ids)
@@ -123,22 +157,16 @@ class Critic:
             order = torch.randperm(B).tolist() if epochs * minibatches > 1 else list(range(B))
             for start in range(0, B, self.seqs_per_minibatch):
                 idx = order[start : start + self.seqs_per_minibatch]
-                stats = self._minibatch_step(*_rows(idx, prompt_ids, mask, response_ids, returns, old_values),
-                                             norm_len=norm_len)
+                stats = self._minibatch_step(*_rows(idx, prompt_ids, lengths, mask, response_ids, returns,
+                                                    old_values), norm_len=norm_len)
                 for k, v in stats.items():
                     sums[k] += v
                 num_updates += 1
-        metrics = {f"critic/{k}": v if k == "skipped_steps" else v / num_updates for k, v in sums.items()}
-        # Explained variance of the pre-update values (population variances, as algos.value_loss).
-        m = mask.float()
-        var_returns = masked_mean((returns - masked_mean(returns, m)).square(), m)
-        err = returns - old_values
-        var_err = masked_mean((err - masked_mean(err, m)).square(), m)
-        metrics["critic/explained_variance"] = float(1.0 - var_err / (var_returns + 1e-8))
+        metrics |= {f"critic/{k}": v if k == "skipped_steps" else v / num_updates for k, v in sums.items()}
         metrics["critic/lr"] = self.scheduler.get_last_lr()[0]
         return metrics
 
-    def _minibatch_step(self, prompt_ids, mask, response_ids, returns, old_values, *, norm_len: int):
+    def _minibatch_step(self, prompt_ids, lengths, mask, response_ids, returns, old_values, *, norm_len: int):
         # Global counts of the mini-batch (all ranks): the sum of micro-batch losses is the mini-batch loss.
         totals = dist.all_reduce(torch.stack([mask.sum(), (mask.sum(-1) > 0).sum().float()]))
         counts = {"num_tokens": totals[0], "num_seqs": totals[1], "norm_len": norm_len}
@@ -146,9 +174,11 @@ class Critic:
         device = next(self.model.parameters()).device
         stats: dict[str, float] = defaultdict(float)
         self.optimizer.zero_grad(set_to_none=True)
-        for idx in micro_batches(prompt_ids, mask, self.max_tokens):
-            prompts, m, ids, ret, old = _rows(idx, prompt_ids, mask, response_ids, returns, old_values)
-            values = response_values(self.model, prompts, ids, m, pad_id=self.pad_id)
+        for idx in micro_batches(sequence_lengths(prompt_ids, lengths), self.max_tokens, packed=self.packed):
+            prompts, micro_lengths, m, ids, ret, old = _rows(idx, prompt_ids, lengths, mask, response_ids, returns,
+                                                             old_values)
+            values = response_values(self.model, prompts, ids, m, pad_id=self.pad_id, lengths=micro_lengths,
+                                     packed=self.packed)
             loss, loss_stats = value_loss(values, old.to(device), ret.to(device), m.to(device), clip=self.value_clip,
                                           agg=self.aggregation, **counts)
             (loss * dist.world_size()).backward()  # FSDP averages over ranks; the losses add up (rlcore.sharding)

@@ -1,11 +1,11 @@
 """Log-probs (and entropies) of response tokens under a causal LM, at the sampling temperature.
 
-Only the hidden states that score a response token go through the LM head, in chunks, so the
-[B, P, vocab] logits of prompts and padding are never materialised (spec §0: the logits at position
-prompt_len + t - 1 score response token t). With grad and several chunks, a chunk's logits are
-recomputed in backward rather than kept, so one chunk's (HEAD_CHUNK_TOKENS x vocab) fp32 tensors exist
-at a time.
-"""
+The micro-batch goes through the trunk packed without padding where the model allows it (rlcore.packing:
+one row, attention kept within each sequence), else as right-padded rows. Only the hidden states that
+score a response token go through the LM head, in chunks, so the logits of prompts and padding are never
+materialised (spec §0: the logits at position prompt_len + t - 1 score response token t). With grad and
+several chunks, a chunk's logits are recomputed in backward rather than kept, so one chunk's
+(HEAD_CHUNK_TOKENS x vocab) fp32 tensors exist at a time."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from algos import entropy_from_logits
+from rlcore.batch import response_lengths
+from rlcore.packing import Layout, build_layout, supports_packing
 
 if TYPE_CHECKING:
     from rlcore.moe import MoEForward
@@ -26,25 +28,6 @@ HEAD_CHUNK_TOKENS = 1024
 """Response tokens per LM-head chunk. Each chunk's fp32 logits and their few temporaries are the update's
 largest tensors at real vocabularies (1024 x 152,064 x 4 B = 594 MiB per copy, about five at the head's
 backward); with recomputation in backward, only one chunk's exist at a time, whatever the micro-batch."""
-
-
-def pack_inputs(prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor, pad_id: int):
-    """Right-padded prompt+response rows -> (input_ids (B, P), attention_mask (B, P), pos (B, T)).
-
-    pos[b, t] is the position whose logits score response token t of row b.
-    """
-    lengths = mask.sum(-1).long().tolist()
-    B, T = response_ids.shape
-    P = max(len(p) + n for p, n in zip(prompt_ids, lengths))
-    input_ids = torch.full((B, P), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(B, P, dtype=torch.long)
-    starts = torch.tensor([len(p) for p in prompt_ids])
-    for b, (p, n) in enumerate(zip(prompt_ids, lengths)):
-        input_ids[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-        input_ids[b, len(p) : len(p) + n] = response_ids[b, :n]
-        attention_mask[b, : len(p) + n] = 1
-    pos = (starts[:, None] - 1 + torch.arange(T)[None, :]).clamp(max=P - 1)  # (B, T)
-    return input_ids, attention_mask, pos
 
 
 class ResponseScorer(torch.nn.Module):
@@ -59,17 +42,21 @@ class ResponseScorer(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, pos: Tensor, keep: Tensor, targets: Tensor, *,
+    def forward(self, input_ids: Tensor, pos: Tensor, keep: Tensor, targets: Tensor, *, model_kwargs: dict,
                 temperature: float, with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
-        """Flat (N,) log-probs (and entropies) of the kept response tokens."""
+        """Flat (N,) log-probs (and entropies) of the kept response tokens.
+
+        input_ids (R, W) and model_kwargs: a rlcore.packing.Layout; pos, keep, targets: (B, T).
+        """
         decoder, head = _split(self.model)
+        flat_pos = pos[keep]  # (N,) rows of the flattened (R * W) grid that score the kept tokens
         if decoder is None:  # models without a separable head: full logits (fine for small vocabularies)
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
-            hidden_sel = torch.gather(logits, 1, pos[..., None].expand(-1, -1, logits.shape[-1]))[keep]
+            logits = self.model(input_ids=input_ids, **model_kwargs).logits
+            hidden_sel = logits.flatten(0, 1)[flat_pos]
             head = torch.nn.Identity()
         else:
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, P, H)
-            hidden_sel = torch.gather(hidden, 1, pos[..., None].expand(-1, -1, hidden.shape[-1]))[keep]  # (N, H)
+            hidden = decoder(input_ids=input_ids, **model_kwargs).last_hidden_state  # (R, W, H)
+            hidden_sel = hidden.flatten(0, 1)[flat_pos]  # (N, H)
         target_sel = targets[keep]  # (N,)
         score = partial(_score_chunk, head, temperature=temperature, with_entropy=with_entropy,
                         entropy_grad=entropy_grad)
@@ -98,6 +85,8 @@ def response_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = True,
     moe: MoEForward | None = None,
+    lengths: Tensor | None = None,
+    packed: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """log π(y_t | x, y_<t) of each response token, (B, T), 0 where mask is 0; entropy likewise.
 
@@ -106,22 +95,34 @@ def response_logprobs(
     entropy_grad=False computes the entropy outside the autograd graph (a metric only), so backward
     does not keep a (tokens x vocab) fp32 tensor alive for it. moe: routing replay, expert-load
     statistics and the router aux loss of MoE models (rlcore.moe.MoEForward).
+    lengths: (B,) real response tokens per row (trained or not; rlcore.batch.response_lengths when None).
+    packed: run the forward without padding (rlcore.packing) where the model supports it; False: padded.
     """
     scorer = model if isinstance(model, ResponseScorer) else ResponseScorer(model)
-    device = next(scorer.parameters()).device
-    input_ids, attention_mask, pos = pack_inputs(prompt_ids, response_ids, mask, pad_id)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    pos, targets, keep = pos.to(device), response_ids.to(device), mask.to(device).bool()
-    routed = nullcontext() if moe is None else moe.router_pass(scorer.model, prompt_ids, mask.sum(-1).long().tolist(),
-                                                                attention_mask)
+    layout, keep = _layout(scorer.model, prompt_ids, response_ids, mask, lengths, pad_id=pad_id, packed=packed)
+    device = layout.input_ids.device
+    targets = response_ids.to(device)
+    routed = nullcontext() if moe is None else moe.router_pass(scorer.model, layout)
     with routed:
-        logp_sel, ent_sel = scorer(input_ids, attention_mask, pos, keep, targets, temperature=temperature,
-                                   with_entropy=with_entropy, entropy_grad=entropy_grad)
+        logp_sel, ent_sel = scorer(layout.input_ids, layout.pos, keep, targets, model_kwargs=layout.forward_kwargs,
+                                   temperature=temperature, with_entropy=with_entropy, entropy_grad=entropy_grad)
     logprobs = torch.zeros(mask.shape, device=device, dtype=torch.float32).masked_scatter(keep, logp_sel)
     entropy = None
     if with_entropy:
         entropy = torch.zeros(mask.shape, device=device, dtype=torch.float32).masked_scatter(keep, ent_sel)
     return logprobs, entropy
+
+
+def _layout(model, prompt_ids, response_ids: Tensor, mask: Tensor, lengths: Tensor | None, *, pad_id: int,
+            packed: bool | None) -> tuple[Layout, Tensor]:
+    """The forward's Layout and keep (B, T) bool: the tokens to score (mask 1, within the real length)."""
+    lengths = response_lengths(mask) if lengths is None else lengths.long()
+    device = next(model.parameters()).device
+    packed = packed is not False and supports_packing(model)  # checked per call: attention can be switched
+    layout = build_layout(prompt_ids, response_ids, lengths.tolist(), pad_id=pad_id, packed=packed,
+                          attn_impl=model.config._attn_implementation or "sdpa", device=device)
+    keep = mask.bool() & (torch.arange(mask.shape[1])[None, :] < lengths[:, None])
+    return layout, keep.to(device)
 
 
 def _score_chunk(head, h: Tensor, targets: Tensor, *, temperature: float, with_entropy: bool, entropy_grad: bool

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from rlcore.packing import Layout
 from rollout.routing import RouterHooks, router_layers, unpack_router_output
 
 
@@ -43,22 +44,25 @@ def topk_weights(router: nn.Module, logits: Tensor, indices: Tensor, dtype: torc
     return w.to(dtype)
 
 
-def forced_layout(prompt_ids: list[list[int]], lengths: list[int], routing: list[Tensor], width: int) -> Tensor:
-    """(layers, B * width, k) long expert ids in the training forward's layout (prompt then response,
-    left-aligned, right-padded to width; rlcore.logprobs.pack_inputs), -1 where nothing was recorded."""
+def forced_layout(routing: list[Tensor], starts: list[int], total: int) -> Tensor:
+    """(layers, total, k) long expert ids in the training forward's flattened (R * W = total) token grid,
+    sequence b's record placed from starts[b] on (rlcore.packing.Layout), -1 where nothing was recorded.
+    A record covers prompt + response - 1 tokens (the last token is never fed), a sequence ends at most
+    there, so a record never runs into the next packed sequence."""
     layers, k = routing[0].shape[1:]
-    out = torch.full((len(routing), width, layers, k), -1, dtype=torch.long)
-    for b, (p, n, rec) in enumerate(zip(prompt_ids, lengths, routing)):
-        m = min(len(p) + n, rec.shape[0], width)
-        out[b, :m] = rec[:m].long()
-    return out.permute(2, 0, 1, 3).reshape(layers, len(routing) * width, k)
+    out = torch.full((total, layers, k), -1, dtype=torch.long)
+    ends = [*starts[1:], total]
+    for start, end, rec in zip(starts, ends, routing):
+        m = min(rec.shape[0], end - start)
+        out[start : start + m] = rec[:m].long()
+    return out.permute(1, 0, 2)
 
 
 class RouterPass(RouterHooks):
     """Hooks on every router for the forward passes inside `with`: replays recorded routing (if
     `replay`), compares it with the model's own choice, counts expert load and collects the aux loss.
 
-    valid: (N,) bool over the flattened (B * width) positions of the forward (padding excluded).
+    valid: (N,) bool over the flattened (R * W) positions of the forward (padding excluded).
     forced: forced_layout(...) or None. A router called again for the same layer (gradient
     checkpointing recomputes the forward) overwrites that layer's statistics, so nothing counts twice.
     """
@@ -160,10 +164,10 @@ class MoEForward:
     aux_loss: Tensor | None = None
 
     @contextmanager
-    def router_pass(self, model: nn.Module, prompt_ids: list[list[int]], lengths: list[int], attention_mask: Tensor):
-        width = attention_mask.shape[1]
-        forced = None if self.routing is None else forced_layout(prompt_ids, lengths, self.routing, width)
-        rp = RouterPass(model, attention_mask.reshape(-1).bool(), forced, replay=self.replay, aux=self.aux)
+    def router_pass(self, model: nn.Module, layout: Layout):
+        total = layout.num_grid_tokens
+        forced = None if self.routing is None else forced_layout(self.routing, layout.starts, total)
+        rp = RouterPass(model, layout.valid, forced, replay=self.replay, aux=self.aux)
         with rp:
             yield
         self.stats.add(rp, mismatch=self.mismatch)

@@ -125,7 +125,7 @@ class Trainer:
             old_logprobs = None
             if not on_policy:
                 old_logprobs, moe_metrics = self.actor.logprobs(batch.prompt_ids, batch.response_ids, batch.mask,
-                                                                routing=batch.routing)
+                                                                routing=batch.routing, lengths=batch.lengths)
                 sync_metrics |= moe_metrics
             ref_logprobs = self._ref_logprobs(batch) if cfg.algo.kl.coef > 0 else None
             if old_logprobs is not None:
@@ -133,7 +133,7 @@ class Trainer:
             is_weights, correction_metrics = self._rollout_correction(batch, old_logprobs)
         if self.critic is not None:
             with t("values"):
-                values = self.critic.values(batch.prompt_ids, batch.response_ids, batch.mask)
+                values = self.critic.values(batch.prompt_ids, batch.response_ids, batch.mask, batch.lengths)
 
         rollout = collecting.result()  # waits for the rewards (the "reward" phase)
         scores, steps = rollout.scores, rollout.steps  # steps: dense PRM rewards or None
@@ -158,14 +158,15 @@ class Trainer:
                 update_metrics, policy_logprobs = self.actor.update(TrainBatch(
                     prompt_ids=batch.prompt_ids, response_ids=batch.response_ids, mask=batch.mask,
                     old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, advantages=advantages,
-                    is_weights=is_weights, nll_mask=positive, routing=batch.routing))
+                    is_weights=is_weights, nll_mask=positive, routing=batch.routing, lengths=batch.lengths))
             if on_policy:  # the update's first forward was the old policy: check the engine against it
                 sync_metrics |= verify_rollout_logprobs(batch, policy_logprobs, cfg, self.tokenizer)
         if self.critic is not None:
             with t("critic"):
                 update_metrics |= self.critic.update(
                     batch.prompt_ids, batch.response_ids, batch.mask, returns, values,
-                    epochs=cfg.train.epochs_per_step, minibatches=cfg.train.minibatches_per_step)
+                    epochs=cfg.train.epochs_per_step, minibatches=cfg.train.minibatches_per_step,
+                    lengths=batch.lengths)
 
         # 8. record (metrics over all ranks)
         lengths = batch.mask.sum(-1)
@@ -207,7 +208,8 @@ class Trainer:
         with off:
             return batched_logprobs(scorer, batch.prompt_ids, batch.response_ids, batch.mask,
                                     temperature=self.cfg.rollout.temperature, pad_id=self.tokenizer.pad_token_id,
-                                    max_tokens=self.cfg.train.max_tokens_per_microbatch)
+                                    max_tokens=self.cfg.train.max_tokens_per_microbatch, lengths=batch.lengths,
+                                    packed=self.cfg.train.packing)
 
     def _sync(self) -> dict[str, float]:
         r = self.cfg.rollout
@@ -398,7 +400,7 @@ def build_critic(cfg: RLConfig, model, *, pad_id: int, seqs_per_minibatch: int) 
                   weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, value_clip=c.value_clip,
                   aggregation=cfg.algo.aggregation, max_tokens_per_microbatch=t.max_tokens_per_microbatch,
                   seqs_per_minibatch=seqs_per_minibatch, pad_id=pad_id, norm_len=cfg.rollout.max_new_tokens,
-                  max_nonfinite_updates=t.max_nonfinite_updates)
+                  max_nonfinite_updates=t.max_nonfinite_updates, packing=t.packing)
 
 
 def global_whiten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -58,15 +58,16 @@ class HFEngine:
         generation_config.json, e.g. top_k=20 or repetition_penalty=1.05, must not leak into sampling),
         and in "paged" mode transformers may switch its attention implementation for the call.
     eos_token_ids: ids that end a sample (with each call's ``SamplingParams.stop_token_ids``).
-    pad_token_id: id for left padding (and for rows that already stopped) in "generate" mode; padding
-        never appears in a Sample.
-    mode: "generate" (padded ``model.generate``), "paged" (continuous batching ``model.generate_batch``)
+    pad_token_id: id for left padding in "generate" mode; padding never appears in a Sample.
+    mode: "generate" (left-padded prefill, then a decode that drops each row, and its KV cache, when it
+        ends: rollout.hf_padded), "paged" (continuous batching ``model.generate_batch``)
         or "auto" (see ``resolve_mode``). Both give the same distribution and logprob definition.
     record_routing: MoE models in "generate" mode: each Sample carries the experts its tokens were
         routed to (Sample.routing), for routing replay in training.
 
     RNG: sampling draws from torch's global RNG (seed it with torch.manual_seed). "generate" consumes it
-    directly; "paged" draws one seed from it and leaves the rest of the caller's stream untouched.
+    directly (on CPU exactly as transformers' ``model.generate`` would); "paged" draws one seed from it
+    and leaves the rest of the caller's stream untouched.
     """
 
     def __init__(self, model: torch.nn.Module, *, eos_token_ids: list[int], pad_token_id: int, mode: str = "auto",

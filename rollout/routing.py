@@ -67,10 +67,11 @@ class RouterHooks:
 
 
 class RoutingRecorder(RouterHooks):
-    """Records the routers' expert ids during one padded ``model.generate`` call.
+    """Records the routers' expert ids during one decode (rollout.hf_padded.decode).
 
     The first forward is the prefill over the (R, L) left-padded prompts; each later one decodes one
-    token per row. ``samples(prompt_lengths, lengths)`` then cuts out each sample's record.
+    token for each row still running (rows leave the batch when they end). ``samples(...)`` then cuts
+    out each sample's record.
     """
 
     def __init__(self, model: nn.Module):
@@ -82,24 +83,30 @@ class RoutingRecorder(RouterHooks):
         _, _, idx = unpack_router_output(module, output)
         self.calls[self.layer[id(module)]].append(idx.to("cpu", ROUTING_DTYPE))
 
-    def samples(self, prompt_lengths: list[int], lengths: list[int], width: int) -> list[torch.Tensor]:
+    def samples(self, prompt_lengths: list[int], lengths: list[int], width: int,
+                fed: list[torch.Tensor]) -> list[torch.Tensor]:
         """Per row r: (prompt_lengths[r] + lengths[r] - 1, layers, k) expert ids.
 
-        width: L, the padded prompt width of the prefill. Raises if generate's forwards were not one
-        prefill plus one token per step (the record would not line up with the tokens).
+        width: L, the padded prompt width of the prefill. fed: per decode forward, the (A_s,) rows it fed.
+        Raises if the forwards were not one prefill plus one token per fed row and step (the record would
+        not line up with the tokens).
         """
         rows = len(prompt_lengths)
         per_layer = []
         for layer, calls in enumerate(self.calls):
             prefill, decode = calls[0], calls[1:]
             k = prefill.shape[-1]
-            if prefill.shape[0] != rows * width or any(c.shape[0] != rows for c in decode):
+            if prefill.shape[0] != rows * width or len(decode) != len(fed) or \
+                    any(c.shape[0] != len(f) for c, f in zip(decode, fed)):
                 raise RuntimeError(f"routing record of layer {layer} does not match a padded prefill of "
-                                   f"{rows}x{width} tokens followed by one token per row and step")
-            steps = torch.stack(decode, 1) if decode else torch.zeros(rows, 0, k, dtype=ROUTING_DTYPE)
+                                   f"{rows}x{width} tokens followed by one token per running row and step")
+            steps = torch.full((rows, len(decode), k), -1, dtype=ROUTING_DTYPE)  # (R, S, k)
+            for s, (c, f) in enumerate(zip(decode, fed)):
+                steps[f.cpu(), s] = c
             per_layer.append((prefill.view(rows, width, k), steps))
         out = []
         for r, (p, n) in enumerate(zip(prompt_lengths, lengths)):
+            # A row is fed its tokens 0 .. n-2 by decode forwards 0 .. n-2 (it runs until it ends).
             layers = [torch.cat([pre[r, width - p :], steps[r, : max(n - 1, 0)]]) for pre, steps in per_layer]
             out.append(torch.stack(layers, 1))  # (positions, layers, k)
         return out

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 tests/rlcore/dist_update_worker.py OUT STRATEGY
 
 Every rank builds the same model and the same 8-sample batch and keeps its contiguous share of the
-groups; rank 0 writes the metrics and the full parameters after the update to OUT.
+groups; rank 0 writes the metrics and the full parameters after the update to OUT. PACKING=0 trains on
+right-padded micro-batches instead of packed ones.
 """
 
 import os
@@ -54,6 +55,7 @@ def main(out: str, strategy: str) -> None:
     cfg.train.lr, cfg.train.max_tokens_per_microbatch = 1e-3, 20  # several micro-batches per rank
     cfg.algo.aggregation = os.environ.get("AGG", "token-mean")
     cfg.algo.entropy_coef = 0.01
+    cfg.train.packing = os.environ.get("PACKING", "1") == "1"  # 0: right-padded micro-batches
     scorer = ResponseScorer(model)
     if world > 1:
         shard(scorer, model, strategy=strategy, device="cpu")
@@ -64,8 +66,10 @@ def main(out: str, strategy: str) -> None:
     params = {n: full_tensor(p.detach()).clone() for n, p in model.named_parameters()}
     skipped = metrics["actor/skipped_steps"] > 0  # a skipped step drops its gradients
     grads = {} if skipped else {n: full_tensor(p.grad).clone() for n, p in model.named_parameters()}  # summed
+    # The updated policy's log-probs of this rank's rows (computed wherever rlcore.balance sends them).
+    after = torch.cat(dist.gather_objects(actor.logprobs(mine.prompt_ids, mine.response_ids, mine.mask)[0]))
     if dist.is_main():
-        torch.save({"metrics": metrics, "params": params, "grads": grads, "initial": initial}, out)
+        torch.save({"metrics": metrics, "params": params, "grads": grads, "initial": initial, "logprobs": after}, out)
     dist.shutdown()
 
 

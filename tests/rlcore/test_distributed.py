@@ -33,8 +33,11 @@ def test_update_on_two_ranks_equals_one_rank(tmp_path, strategy, agg):
     sums in another order differ in the last bits); parameters over the whole model. Per tensor,
     Adam's first step (g / (|g| + eps)) makes a near-zero gradient element's last-bit difference a
     visible one, and a zero-initialised bias is nothing but that step: 5e-4 there (a k_proj bias
-    measured 1.04e-4 with transformers 5.25, on the code of 2026-12-02 too: kernel order, not a bug)."""
-    one = run_worker(tmp_path / "one.pt", strategy, 1, agg)
+    measured 1.04e-4 with transformers 5.25, on the code of 2026-12-02 too: kernel order, not a bug).
+    For zero3 the one rank trains on right-padded micro-batches and the two ranks packed: packing
+    under FSDP changes nothing either. With two ranks the rows are spread by tokens first (rank 0's 29 tokens and rank 1's
+    29 are regrouped), which changes nothing either."""
+    one = run_worker(tmp_path / "one.pt", strategy, 1, agg, PACKING="0" if strategy == "zero3" else "1")
     two = run_worker(tmp_path / "two.pt", strategy, 2, agg)
     for key in ("actor/pg_loss", "actor/grad_norm", "actor/entropy", "actor/clipfrac", "actor/approx_kl"):
         # abs: with symmetric advantages the pg loss cancels to ~1e-8, a sum of O(1) fp32 terms whose
@@ -49,6 +52,8 @@ def test_update_on_two_ranks_equals_one_rank(tmp_path, strategy, agg):
     for name, a in one["params"].items():  # per tensor: a zero-initialised bias is all Adam update
         rel = ((two["params"][name] - a).norm() / a.norm().clamp(min=1e-12)).item()
         assert rel <= 5e-4, ("param", name, rel)
+    # rows moved between the ranks by tokens (rlcore.balance) come back to their own rank, in order
+    torch.testing.assert_close(two["logprobs"], one["logprobs"], rtol=1e-4, atol=1e-5)
 
 
 def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):

@@ -44,6 +44,12 @@ def rollout(model, n=3, max_new_tokens=5):
     return prompt_ids, ids, mask, samples
 
 
+def packed_starts(prompt_ids, mask) -> list[int]:
+    """Where each sequence starts in a packed training forward (rlcore.packing, the default)."""
+    seq_lens = [len(p) + int(n) for p, n in zip(prompt_ids, mask.sum(-1).tolist())]
+    return [sum(seq_lens[:b]) for b in range(len(seq_lens))]
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_recorded_routing_is_what_a_full_forward_routes(family):
     """The engine's record (prefill + one token per decode step) lines up with the training forward:
@@ -83,12 +89,11 @@ def test_replay_forces_the_recorded_experts_and_keeps_router_gradients(family):
                                 moe=MoEForward(routing=fake, replay=True, aux=False, stats=stats))
     for h in handles:
         h.remove()
-    width = max(len(p) + int(n) for p, n in zip(prompt_ids, mask.sum(-1).tolist()))
-    for layer, used in seen.items():
-        used = used.view(len(samples), width, 2)
+    starts = packed_starts(prompt_ids, mask)
+    for layer, used in seen.items():  # (tokens, 2): the sequences packed back to back
         for b, rec in enumerate(fake):
             m = rec.shape[0]
-            assert torch.equal(used[b, :m], rec[:, layer].long()), (layer, b)  # replayed == recorded
+            assert torch.equal(used[starts[b] : starts[b] + m], rec[:, layer].long()), (layer, b)  # replayed
     assert stats.differing > 0  # the model's own routing differed from the fake record
     (logp * mask).sum().backward()
     for router in routers(model):
@@ -109,10 +114,10 @@ def test_replaying_the_models_own_routing_changes_nothing(family):
         plain, _ = response_logprobs(model, prompt_ids, ids, mask, temperature=1.0, pad_id=0)
     for h in handles:
         h.remove()
-    width = max(len(p) + n for p, n in zip(prompt_ids, lengths))
-    per_layer = [own[i].view(len(samples), width, 2) for i in sorted(own)]
-    record = [torch.stack([idx[b, : len(p) + n - 1] for idx in per_layer], 1)
-              for b, (p, n) in enumerate(zip(prompt_ids, lengths))]
+    starts = packed_starts(prompt_ids, mask)
+    per_layer = [own[i] for i in sorted(own)]  # (tokens, 2) each, the sequences packed back to back
+    record = [torch.stack([idx[s : s + len(p) + n - 1] for idx in per_layer], 1)
+              for s, p, n in zip(starts, prompt_ids, lengths)]
     stats = LoadStats()
     with torch.no_grad():
         replayed, _ = response_logprobs(model, prompt_ids, ids, mask, temperature=1.0, pad_id=0,

@@ -1,5 +1,7 @@
 """HFEngine.generate in both modes: lengths, finish reasons, padding invariance, logprob definition, RNG."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -142,3 +144,82 @@ def test_paged_runs_eager_models_and_restores_attention(tiny_model, reference_lo
     for s in group:
         torch.testing.assert_close(torch.tensor(s.logprobs), reference_logprobs(model, PROMPTS[0], s.token_ids, 0.9),
                                    atol=1e-4, rtol=0)
+
+
+# --- the compacting decode ("generate" mode) ---------------------------------------------------------------
+
+
+def generate_reference(model, prompts, sp, stop_ids, pad=0):
+    """transformers' model.generate over all rows until the longest ends (what "generate" mode ran before
+    rows left the batch): token ids per row, cut after the first stop token."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    from rollout.hf_padded import _left_pad, _warpers
+
+    ids, attn = _left_pad(prompts, pad, model.device)
+    ids, attn = ids.repeat_interleave(sp.n, 0), attn.repeat_interleave(sp.n, 0)
+    config = GenerationConfig(max_new_tokens=sp.max_new_tokens, do_sample=not sp.is_greedy, temperature=1.0,
+                              top_k=None if sp.is_greedy else 0, top_p=1.0, eos_token_id=stop_ids or None,
+                              pad_token_id=pad)
+    out = model.generate(input_ids=ids, attention_mask=attn, generation_config=config,
+                         logits_processor=LogitsProcessorList(_warpers(sp)))[:, ids.shape[1]:].tolist()
+    rows = []
+    for row in out:
+        end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.8, 10, 0.9), (0.0, 0, 1.0)])
+def test_decode_gives_generates_samples_and_rng_stream(tiny_model, reference_logprobs, temperature, top_k, top_p):
+    """Rows leave the batch when they end, yet a seed gives the samples model.generate gave (torch's
+    multinomial noise is still drawn for every row) and leaves the global RNG where generate left it."""
+    model = tiny_model()
+    sp = SamplingParams(n=6, max_new_tokens=16, temperature=temperature, top_k=top_k, top_p=top_p)
+    stops = [greedy_first_token(model, PROMPTS[0]), 1, 2, 3]
+    torch.manual_seed(5)
+    expected = generate_reference(model, PROMPTS, replace(sp, n=1) if sp.is_greedy else sp, stops)
+    after_reference = torch.rand(3)
+    torch.manual_seed(5)
+    groups = engine_for(model, "generate", eos=stops).generate(PROMPTS, sp)
+    samples = [s for g in groups for s in (g[:1] if sp.is_greedy else g)]
+    assert [s.token_ids for s in samples] == expected
+    assert torch.equal(torch.rand(3), after_reference)
+    assert len({len(s.token_ids) for s in samples}) > 1 or sp.is_greedy  # rows really ended at different steps
+    for prompt, group in zip(PROMPTS, groups):
+        for s in group:
+            ref = reference_logprobs(model, prompt, s.token_ids, temperature or 1.0, top_k if temperature else 0,
+                                     top_p if temperature else 1.0)
+            torch.testing.assert_close(torch.tensor(s.logprobs), ref, atol=1e-4, rtol=0)
+
+
+def test_cpu_sample_is_torch_multinomial():
+    """_sample's CPU draw over all rows is torch.multinomial's, bit for bit, RNG state included; the
+    running rows alone draw what they would draw inside the full batch."""
+    from rollout.hf_padded import _sample
+
+    probs = torch.softmax(torch.randn(12, 300, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    torch.manual_seed(1)
+    expected = torch.multinomial(probs, 1).squeeze(1)
+    state = torch.get_rng_state()
+    torch.manual_seed(1)
+    assert torch.equal(_sample(probs, torch.arange(12), 12), expected)
+    assert torch.equal(torch.get_rng_state(), state)
+    rows = torch.tensor([0, 3, 4, 11])
+    torch.manual_seed(1)
+    assert torch.equal(_sample(probs[rows], rows, 12), expected[rows])
+
+
+def test_decode_stops_computing_ended_rows(tiny_model):
+    """Each decode forward feeds only the rows still running: a row of n tokens is fed n - 1 times."""
+    model = tiny_model()
+    stop = greedy_first_token(model, PROMPTS[0])
+    fed = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: fed.append(args[0].shape))
+    torch.manual_seed(0)
+    groups = engine_for(model, "generate", eos=(stop,)).generate(PROMPTS, SamplingParams(n=6, max_new_tokens=12))
+    hook.remove()
+    lengths = [len(s.token_ids) for g in groups for s in g]
+    assert fed[0] == (12, len(PROMPTS[0]))  # the prefill: all rows, left-padded
+    assert all(shape[1] == 1 for shape in fed[1:]) and sum(shape[0] for shape in fed[1:]) == sum(n - 1 for n in lengths)
+    assert min(lengths) < max(lengths)
