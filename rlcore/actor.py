@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 
 from algos import KL_ESTIMATORS, POLICY_LOSSES, aggregate
-from rlcore.batch import TrainBatch, split_by_tokens
+from rlcore.batch import TrainBatch, row_lengths, split_by_tokens
 from rlcore.config import RLConfig
 from rlcore import dist
 from rlcore.guard import UpdateGuard
@@ -34,11 +34,12 @@ def build_optimizer(model, cfg: RLConfig):
     return optimizer, scheduler
 
 
-def micro_batches(prompt_ids, mask, max_tokens: int) -> list[list[int]]:
-    """Row indices of token-budget micro-batches. With several ranks every rank gets as many as the
+def micro_batches(prompt_ids, lengths, max_tokens: int) -> list[list[int]]:
+    """Row indices of token-budget micro-batches; lengths (B,): real response tokens per row
+    (rlcore.batch). With several ranks every rank gets as many as the
     rank that needs the most (FSDP gathers layers in each forward: the ranks must run in lockstep);
     the others split their largest micro-batches in half, which keeps them within the budget."""
-    lengths = [len(p) + int(n) for p, n in zip(prompt_ids, mask.sum(-1).tolist())]
+    lengths = [len(p) + int(n) for p, n in zip(prompt_ids, lengths.tolist())]
     parts = split_by_tokens(lengths, max_tokens)
     count = int(dist.all_reduce(torch.tensor([len(parts)]), "max").item())
     while len(parts) < count:
@@ -53,21 +54,23 @@ def micro_batches(prompt_ids, mask, max_tokens: int) -> list[list[int]]:
 
 @torch.no_grad()
 def batched_logprobs(model, prompt_ids, response_ids, mask, *, temperature: float, pad_id: int,
-                     max_tokens: int, routing=None, replay: bool = False, stats: LoadStats | None = None
-                     ) -> torch.Tensor:
-    """(B, T) log-probs of a whole rollout, computed micro-batch by micro-batch (no grad).
+                     max_tokens: int, routing=None, replay: bool = False, stats: LoadStats | None = None,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) log-probs of a whole rollout's trained tokens, micro-batch by micro-batch (no grad).
 
+    lengths (B,): real response tokens per row (None: rlcore.batch.row_lengths(mask)).
     MoE (stats given): routing per row is compared with the model's own routing, and forced if replay.
     """
     was_training = model.training
     model.eval()
     out = torch.zeros(mask.shape)
-    for idx in micro_batches(prompt_ids, mask, max_tokens):
-        T = max(1, int(mask[idx].sum(-1).max().item()))
+    lengths = row_lengths(mask, lengths)
+    for idx in micro_batches(prompt_ids, lengths, max_tokens):
+        T = max(1, int(lengths[idx].max().item()))
         moe = None if stats is None else MoEForward(
             routing=None if routing is None else [routing[i] for i in idx], replay=replay, aux=False, stats=stats)
         logp, _ = response_logprobs(model, [prompt_ids[i] for i in idx], response_ids[idx, :T], mask[idx, :T],
-                                    temperature=temperature, pad_id=pad_id, moe=moe)
+                                    temperature=temperature, pad_id=pad_id, moe=moe, lengths=lengths[idx])
         out[idx, :T] = logp.cpu()
     model.train(was_training)
     return out
@@ -86,12 +89,13 @@ class Actor:
         self.is_moe = bool(routers(model))
         self._load: LoadStats | None = None  # expert load over one update's forwards (MoE)
 
-    def logprobs(self, prompt_ids, response_ids, mask, routing=None) -> tuple[torch.Tensor, dict[str, float]]:
+    def logprobs(self, prompt_ids, response_ids, mask, routing=None, lengths=None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
         """Old log-probs (no grad) and, for MoE with recorded routing, moe/routing_mismatch."""
         stats = LoadStats() if self.is_moe else None
         logp = batched_logprobs(self.scorer, prompt_ids, response_ids, mask, temperature=self.cfg.rollout.temperature,
                                 pad_id=self.pad_id, max_tokens=self.cfg.train.max_tokens_per_microbatch,
-                                routing=routing, replay=self.cfg.algo.routing_replay, stats=stats)
+                                routing=routing, replay=self.cfg.algo.routing_replay, stats=stats, lengths=lengths)
         metrics = {} if stats is None else stats.metrics()
         return logp, {k: v for k, v in metrics.items() if k == "moe/routing_mismatch"}
 
@@ -140,7 +144,7 @@ class Actor:
         stats: dict[str, float] = defaultdict(float)
         total_loss = 0.0  # this rank's part of the mini-batch loss, every term included
         self.optimizer.zero_grad(set_to_none=True)
-        for idx in micro_batches(mini.prompt_ids, mini.mask, t.max_tokens_per_microbatch):
+        for idx in micro_batches(mini.prompt_ids, mini.row_lengths, t.max_tokens_per_microbatch):
             micro = mini.select(idx)
             mask = micro.mask.to(device)
             # Losses already carry the global normalisation: they add up; ratios are token-weighted.
@@ -150,7 +154,8 @@ class Actor:
                 mismatch=micro.old_logprobs is None)  # on-policy: this pass is the old-log-prob pass
             logp, entropy = response_logprobs(self.scorer, micro.prompt_ids, micro.response_ids, micro.mask,
                                               temperature=self.cfg.rollout.temperature, pad_id=self.pad_id,
-                                              with_entropy=True, entropy_grad=a.entropy_coef != 0, moe=moe)
+                                              with_entropy=True, entropy_grad=a.entropy_coef != 0, moe=moe,
+                                              lengths=micro.row_lengths)
             if micro.old_logprobs is None:  # exactly on-policy: ratio 1 in value, gradient of logp
                 old = logp.detach()
                 record[idx, : old.shape[1]] = old.cpu()

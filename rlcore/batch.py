@@ -1,6 +1,17 @@
 """Typed batch containers and token-budget micro-batching.
 
 Shapes: B = sequences, T = response tokens (right-padded), P = longest prompt + response.
+
+Two different things mark a row's response tokens, and they differ once rollouts call tools:
+    lengths (B,)   the row's REAL response tokens: positions t < lengths[b] are tokens of the sequence
+                   (the model's, and in multi-turn rollouts the chat template's and the tools'),
+                   positions t >= lengths[b] are PADDING. Forward passes feed the real tokens and
+                   nothing else; padding exists only to make a rectangle.
+    mask (B, T)    the TRAINED tokens: 1 on tokens the policy sampled, 0 on padding AND on the
+                   template / tool-output tokens inside a trajectory (real tokens with mask 0). Log-probs,
+                   entropy, KL, the policy and value losses, the aggregation counts and the advantages
+                   are all taken over the mask.
+In a single-turn rollout the two coincide (mask = 1 exactly on t < lengths[b]).
 """
 
 from __future__ import annotations
@@ -20,23 +31,31 @@ class RolloutBatch:
     prompt_ids: list[list[int]]
     """B prompts (repeated per sample)."""
     response_ids: Tensor
-    """(B, T) long, generated tokens, 0 after the end."""
+    """(B, T) long, response tokens (multi-turn: model, template and tool tokens), 0 after the end."""
     mask: Tensor
-    """(B, T) float, 1 on generated tokens including EOS."""
+    """(B, T) float, 1 on tokens the model sampled (EOS included), 0 on template / tool tokens and padding."""
     rollout_logprobs: Tensor
-    """(B, T) float, engine log-probs of the sampled tokens (0 after the end)."""
+    """(B, T) float, engine log-probs of the sampled tokens (0 where mask is 0)."""
     group_ids: Tensor
     """(B,) long, index of the prompt within the step."""
     is_truncated: Tensor
     """(B,) bool, hit max_new_tokens without a stop token."""
     routing: list[Tensor] | None = None
     """MoE: per sample, (prompt + response - 1, layers, top_k) expert ids chosen during rollout."""
+    lengths: Tensor | None = None
+    """(B,) long, real response tokens per row (module docstring); None: row_lengths(mask)."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def row_lengths(self) -> Tensor:
+        return row_lengths(self.mask, self.lengths)
+
     @staticmethod
     def from_samples(prompts: list[list[int]], samples: list[list[Sample]]) -> "RolloutBatch":
+        """samples: rollout.Sample (every token the model's) or rlcore.agent.Trajectory (a `mask`
+        marking the model's tokens among the template's and the tools')."""
         flat = [(g, p, s) for g, (p, group) in enumerate(zip(prompts, samples)) for s in group]
         T = max(1, max(len(s.token_ids) for _, _, s in flat))
         ids = torch.zeros(len(flat), T, dtype=torch.long)
@@ -46,7 +65,8 @@ class RolloutBatch:
             n = len(s.token_ids)
             ids[i, :n] = torch.tensor(s.token_ids, dtype=torch.long)
             logps[i, :n] = torch.tensor(s.logprobs)
-            mask[i, :n] = 1.0
+            trained = getattr(s, "mask", None)
+            mask[i, :n] = 1.0 if trained is None else torch.tensor(trained, dtype=torch.float32)
         return RolloutBatch(
             prompt_ids=[p for _, p, _ in flat],
             response_ids=ids,
@@ -55,6 +75,7 @@ class RolloutBatch:
             group_ids=torch.tensor([g for g, _, _ in flat], dtype=torch.long),
             is_truncated=torch.tensor([s.finish_reason == "length" for _, _, s in flat]),
             routing=None if any(s.routing is None for _, _, s in flat) else [s.routing for _, _, s in flat],
+            lengths=torch.tensor([len(s.token_ids) for _, _, s in flat], dtype=torch.long),
         )
 
 
@@ -90,6 +111,7 @@ class TrainBatch:
     response_ids: Tensor
     """(B, T) long."""
     mask: Tensor
+    """Trained tokens (module docstring)."""
     old_logprobs: Tensor | None
     """None when the update is exactly on-policy: the update's own log-probs, detached, are then
     bitwise the old ones, and the separate forward is skipped (Actor.update returns them)."""
@@ -102,24 +124,41 @@ class TrainBatch:
     routing: list[Tensor] | None = None
     """MoE: the rollout's expert ids per sample (RolloutBatch.routing), replayed when
     algo.routing_replay is on and compared with the training forward's own routing."""
+    lengths: Tensor | None = None
+    """(B,) long, real response tokens per row (module docstring); None: row_lengths(mask)."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def row_lengths(self) -> Tensor:
+        return row_lengths(self.mask, self.lengths)
+
     def select(self, idx: list[int]) -> "TrainBatch":
-        """Rows `idx`, with T trimmed to the longest selected response."""
+        """Rows `idx`, with T trimmed to the longest selected response (real tokens, not just trained)."""
         index = torch.tensor(idx, dtype=torch.long)
-        T = max(1, int(self.mask[index].sum(-1).max().item()))
+        T = max(1, int(self.row_lengths[index].max().item()))
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(v, Tensor):
-                out[f.name] = v[index, :T]  # None fields stay None
+                out[f.name] = v[index] if v.dim() == 1 else v[index, :T]  # None fields stay None
             elif isinstance(v, list):
                 out[f.name] = [v[i] for i in idx]
             else:
                 out[f.name] = v
         return replace(self, **out)
+
+
+def row_lengths(mask: Tensor, lengths: Tensor | None = None) -> Tensor:
+    """(B,) long real response tokens per row: `lengths` when given, else through the last trained
+    token (what every rollout gives: a single-turn one has no gaps, and a multi-turn trajectory ends
+    with a model turn). For hand-built batches and callers that hold only a mask."""
+    if lengths is not None:
+        return lengths.long()
+    T = mask.shape[-1]
+    positions = torch.arange(1, T + 1, device=mask.device)
+    return (mask.bool() * positions).amax(-1).long() if T else mask.new_zeros(mask.shape[:-1], dtype=torch.long)
 
 
 def split_by_tokens(lengths: list[int], max_tokens: int) -> list[list[int]]:

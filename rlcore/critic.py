@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForTokenClassification
 from algos import masked_mean, value_loss
 from rlcore import dist
 from rlcore.actor import micro_batches, step_unless_nonfinite
+from rlcore.batch import row_lengths
 from rlcore.guard import UpdateGuard
 from rlcore.logprobs import pack_inputs
 from rlcore.sharding import scalar
@@ -57,23 +58,25 @@ def load_value_model(path: str) -> torch.nn.Module:
 
 
 def response_values(model, prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor, *,
-                    pad_id: int) -> Tensor:
-    """V[b, t] at position prompt_len_b − 1 + t, (B, T) float32, 0 where mask is 0.
+                    pad_id: int, lengths: Tensor | None = None) -> Tensor:
+    """V[b, t] at position prompt_len_b − 1 + t, (B, T) float32, 0 where mask is 0 (values exist for
+    the states before the model's own tokens; lengths (B,): real tokens, rlcore.batch.row_lengths).
 
     Gradients flow when called under grad mode (the update); wrap in no_grad for V_old.
     """
     device = next(model.parameters()).device
-    input_ids, attention_mask, pos = pack_inputs(prompt_ids, response_ids, mask, pad_id)
+    input_ids, attention_mask, pos = pack_inputs(prompt_ids, response_ids, row_lengths(mask, lengths), pad_id)
     out = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[..., 0]  # (B, P)
     values = torch.gather(out.float(), 1, pos.to(device))  # (B, T)
     return values * mask.to(device=device, dtype=values.dtype)
 
 
-def _rows(idx: list[int], prompt_ids, *tensors: Tensor):
-    """Rows `idx` of the prompts and of each (B, T) tensor, T trimmed to the longest selected response."""
+def _rows(idx: list[int], prompt_ids, lengths: Tensor, *tensors: Tensor):
+    """Rows `idx` of the prompts, of lengths (B,) and of each (B, T) tensor, T trimmed to the longest
+    selected response (its real tokens)."""
     index = torch.tensor(idx, dtype=torch.long)
-    T = max(1, int(tensors[0][index].sum(-1).max().item()))  # tensors[0] is the mask
-    return [prompt_ids[i] for i in idx], *(t[index, :T] for t in tensors)
+    T = max(1, int(lengths[index].max().item()))
+    return [prompt_ids[i] for i in idx], lengths[index], *(t[index, :T] for t in tensors)
 
 
 class Critic:
@@ -95,25 +98,31 @@ class Critic:
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
 
     @torch.no_grad()
-    def values(self, prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor) -> Tensor:
-        """(B, T) values of a whole rollout on CPU, micro-batch by micro-batch (no grad)."""
+    def values(self, prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor,
+               lengths: Tensor | None = None) -> Tensor:
+        """(B, T) values of a whole rollout on CPU, micro-batch by micro-batch (no grad); lengths (B,)
+        real response tokens (None: rlcore.batch.row_lengths(mask))."""
         was_training = self.model.training
         self.model.eval()
         out = torch.zeros(mask.shape)
-        for idx in micro_batches(prompt_ids, mask, self.max_tokens):
-            prompts, micro_mask, micro_ids = _rows(idx, prompt_ids, mask, response_ids)
+        lengths = row_lengths(mask, lengths)
+        for idx in micro_batches(prompt_ids, lengths, self.max_tokens):
+            prompts, micro_lengths, micro_mask, micro_ids = _rows(idx, prompt_ids, lengths, mask, response_ids)
             T = micro_mask.shape[1]
-            out[idx, :T] = response_values(self.model, prompts, micro_ids, micro_mask, pad_id=self.pad_id).cpu()
+            out[idx, :T] = response_values(self.model, prompts, micro_ids, micro_mask, pad_id=self.pad_id,
+                                           lengths=micro_lengths).cpu()
         self.model.train(was_training)
         return out
 
     def update(self, prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor, returns: Tensor,
-               old_values: Tensor, *, epochs: int = 1, minibatches: int = 1) -> dict[str, float]:
+               old_values: Tensor, *, epochs: int = 1, minibatches: int = 1, lengths: Tensor | None = None
+               ) -> dict[str, float]:
         """Epochs x mini-batches (of `seqs_per_minibatch` rows) of critic steps; returns critic/* metrics.
 
-        returns (GAE targets), old_values (V at rollout time), mask: (B, T).
+        returns (GAE targets), old_values (V at rollout time), mask: (B, T); lengths (B,) as in values().
         """
         self.model.train()
+        lengths = row_lengths(mask, lengths)
         norm_len = self.norm_len or mask.shape[1]
         sums: dict[str, float] = defaultdict(float)
         num_updates = 0
@@ -123,8 +132,8 @@ class Critic:
             order = torch.randperm(B).tolist() if epochs * minibatches > 1 else list(range(B))
             for start in range(0, B, self.seqs_per_minibatch):
                 idx = order[start : start + self.seqs_per_minibatch]
-                stats = self._minibatch_step(*_rows(idx, prompt_ids, mask, response_ids, returns, old_values),
-                                             norm_len=norm_len)
+                stats = self._minibatch_step(*_rows(idx, prompt_ids, lengths, mask, response_ids, returns,
+                                                    old_values), norm_len=norm_len)
                 for k, v in stats.items():
                     sums[k] += v
                 num_updates += 1
@@ -138,7 +147,7 @@ class Critic:
         metrics["critic/lr"] = self.scheduler.get_last_lr()[0]
         return metrics
 
-    def _minibatch_step(self, prompt_ids, mask, response_ids, returns, old_values, *, norm_len: int):
+    def _minibatch_step(self, prompt_ids, lengths, mask, response_ids, returns, old_values, *, norm_len: int):
         # Global counts of the mini-batch (all ranks): the sum of micro-batch losses is the mini-batch loss.
         totals = dist.all_reduce(torch.stack([mask.sum(), (mask.sum(-1) > 0).sum().float()]))
         counts = {"num_tokens": totals[0], "num_seqs": totals[1], "norm_len": norm_len}
@@ -146,9 +155,9 @@ class Critic:
         device = next(self.model.parameters()).device
         stats: dict[str, float] = defaultdict(float)
         self.optimizer.zero_grad(set_to_none=True)
-        for idx in micro_batches(prompt_ids, mask, self.max_tokens):
-            prompts, m, ids, ret, old = _rows(idx, prompt_ids, mask, response_ids, returns, old_values)
-            values = response_values(self.model, prompts, ids, m, pad_id=self.pad_id)
+        for idx in micro_batches(prompt_ids, lengths, self.max_tokens):
+            prompts, n, m, ids, ret, old = _rows(idx, prompt_ids, lengths, mask, response_ids, returns, old_values)
+            values = response_values(self.model, prompts, ids, m, pad_id=self.pad_id, lengths=n)
             loss, loss_stats = value_loss(values, old.to(device), ret.to(device), m.to(device), clip=self.value_clip,
                                           agg=self.aggregation, **counts)
             (loss * dist.world_size()).backward()  # FSDP averages over ranks; the losses add up (rlcore.sharding)

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from algos import entropy_from_logits
+from rlcore.batch import row_lengths
 
 if TYPE_CHECKING:
     from rlcore.moe import MoEForward
@@ -28,12 +29,13 @@ largest tensors at real vocabularies (1024 x 152,064 x 4 B = 594 MiB per copy, a
 backward); with recomputation in backward, only one chunk's exist at a time, whatever the micro-batch."""
 
 
-def pack_inputs(prompt_ids: list[list[int]], response_ids: Tensor, mask: Tensor, pad_id: int):
+def pack_inputs(prompt_ids: list[list[int]], response_ids: Tensor, lengths: Tensor, pad_id: int):
     """Right-padded prompt+response rows -> (input_ids (B, P), attention_mask (B, P), pos (B, T)).
 
+    lengths (B,): real response tokens per row (rlcore.batch: trained or not, all are fed).
     pos[b, t] is the position whose logits score response token t of row b.
     """
-    lengths = mask.sum(-1).long().tolist()
+    lengths = lengths.long().tolist()
     B, T = response_ids.shape
     P = max(len(p) + n for p, n in zip(prompt_ids, lengths))
     input_ids = torch.full((B, P), pad_id, dtype=torch.long)
@@ -98,9 +100,13 @@ def response_logprobs(
     with_entropy: bool = False,
     entropy_grad: bool = True,
     moe: MoEForward | None = None,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """log π(y_t | x, y_<t) of each response token, (B, T), 0 where mask is 0; entropy likewise.
+    """log π(y_t | x, y_<t) of each trained response token, (B, T), 0 where mask is 0; entropy likewise.
 
+    One forward over each row's whole sequence (its `lengths` real tokens: with tools, the template's
+    and the tools' too), scoring only the mask's tokens: the others never reach the LM head, so no
+    gradient can come from them. lengths None: rlcore.batch.row_lengths(mask).
     model: a causal LM, or the ResponseScorer around it (which FSDP shards as the root).
     Gradients flow when called under grad mode (the update); wrap in no_grad for old/ref log-probs.
     entropy_grad=False computes the entropy outside the autograd graph (a metric only), so backward
@@ -109,10 +115,11 @@ def response_logprobs(
     """
     scorer = model if isinstance(model, ResponseScorer) else ResponseScorer(model)
     device = next(scorer.parameters()).device
-    input_ids, attention_mask, pos = pack_inputs(prompt_ids, response_ids, mask, pad_id)
+    lengths = row_lengths(mask, lengths)
+    input_ids, attention_mask, pos = pack_inputs(prompt_ids, response_ids, lengths, pad_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     pos, targets, keep = pos.to(device), response_ids.to(device), mask.to(device).bool()
-    routed = nullcontext() if moe is None else moe.router_pass(scorer.model, prompt_ids, mask.sum(-1).long().tolist(),
+    routed = nullcontext() if moe is None else moe.router_pass(scorer.model, prompt_ids, lengths.tolist(),
                                                                 attention_mask)
     with routed:
         logp_sel, ent_sel = scorer(input_ids, attention_mask, pos, keep, targets, temperature=temperature,
