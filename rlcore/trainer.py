@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from algos import (ADVANTAGES, KL_ESTIMATORS, adaptive_kl_coef, gae, grpo_process_advantages, last_masked_index,
-                   length_adaptive_lambda, masked_whiten, rollout_mismatch_metrics, step_token_rewards, truncated_is_weights)
+                   length_adaptive_lambda, masked_whiten, rollout_mismatch_metrics, step_token_rewards,
+                   truncated_is_weights)
 from rewards import CompositeReward
 from rlcore import checkpoint as ckpt
 from rlcore import dist
@@ -283,7 +284,8 @@ class Trainer:
         result = {"accuracy": 0.0, "reward_mean": 0.0}
         if len(mine):
             result = evaluate(self.rollout_engine, self.reward_fn, mine, self.tokenizer,
-                              max_new_tokens=self.cfg.rollout.max_new_tokens, stop_token_ids=self.sampling.stop_token_ids)
+                              max_new_tokens=self.cfg.rollout.max_new_tokens,
+                              stop_token_ids=self.sampling.stop_token_ids)
         sums = dist.all_reduce(torch.tensor([result["accuracy"] * len(mine), result["reward_mean"] * len(mine),
                                              float(len(mine))], dtype=torch.float64))
         return {"accuracy": float(sums[0] / sums[2]), "reward_mean": float(sums[1] / sums[2])}
