@@ -16,7 +16,8 @@ Modules (one axis each):
     losses.py       POLICY_LOSSES  "vanilla" (ratio_level="token" | "sequence"), "gspo"; entropy_from_logits
     kl.py           KL_ESTIMATORS  "k1", "k2", "k3"; kl_penalty, adaptive_kl_coef
     aggregation.py  AGGREGATIONS   "token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
-                                   "seq-mean-token-sum-norm"; aggregate, masked_mean, masked_whiten
+                                   "seq-mean-token-sum-norm"; aggregate, masked_mean, masked_whiten,
+                                   last_masked_index
     registry.py     register / lookup and the four tables
 Unregistered building blocks (their signatures differ from their axis, so a table would not be a
 uniform dispatch table; the trainer imports and calls them directly):
@@ -29,7 +30,7 @@ uniform dispatch table; the trainer imports and calls them directly):
 
 # Importing the modules fills the registries.
 from algos.registry import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, lookup, register
-from algos.aggregation import aggregate, masked_mean, masked_whiten
+from algos.aggregation import aggregate, last_masked_index, masked_mean, masked_whiten
 from algos.advantages import drgrpo_advantages, grpo_advantages, rloo_advantages
 from algos.correction import rollout_mismatch_metrics, truncated_is_weights
 from algos.gae import gae, length_adaptive_lambda, reinforce_pp_advantages
@@ -41,7 +42,8 @@ from algos.value import value_loss
 
 __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "KL_ESTIMATORS", "POLICY_LOSSES", "register", "lookup",
-    "aggregate", "masked_mean", "masked_whiten", "grpo_advantages", "drgrpo_advantages", "rloo_advantages",
+    "aggregate", "last_masked_index", "masked_mean", "masked_whiten",
+    "grpo_advantages", "drgrpo_advantages", "rloo_advantages",
     "gae", "reinforce_pp_advantages", "length_adaptive_lambda", "kl_penalty", "adaptive_kl_coef", "entropy_from_logits",
     "policy_loss", "gspo_loss", "value_loss", "overlong_penalty", "truncated_is_weights",
     "rollout_mismatch_metrics", "grpo_process_advantages", "step_token_rewards",

@@ -8,6 +8,7 @@ signature (GAE, REINFORCE++) live unregistered in algos/gae.py.
 import torch
 from torch import Tensor
 
+from algos.aggregation import last_masked_index
 from algos.gae import reinforce_pp_advantages
 from algos.registry import ADVANTAGES, register
 
@@ -95,9 +96,10 @@ def reinforce_pp_outcome_advantages(scores: Tensor, group_ids: Tensor, mask: Ten
     """REINFORCE++ (Hu, arXiv 2501.03262) on outcome scores, in the group estimators' signature.
 
     scores (B,), group_ids (B,) unused, mask (B, T) -> advantages (B, T). Each score goes on its
-    sample's last valid token; the return-to-go with γ = 1 is then the score on every token, and it
-    is whitened over the whole batch (masked_whiten): the batch-wide normalisation replaces GRPO's
-    group baseline, which is why group_ids is ignored. Differs from the paper by leaving out its
+    sample's last masked-in token (last_masked_index: with tool turns, the last one the policy
+    sampled); the return-to-go with γ = 1 is then the score on every token, and it is whitened
+    over the whole batch (masked_whiten): the batch-wide normalisation replaces GRPO's group
+    baseline, which is why group_ids is ignored. Differs from the paper by leaving out its
     per-token KL penalty in the reward: use algo.kl as a loss here, or call
     reinforce_pp_advantages with your own token rewards.
     """
@@ -105,5 +107,5 @@ def reinforce_pp_outcome_advantages(scores: Tensor, group_ids: Tensor, mask: Ten
     token_rewards = torch.zeros(mask.shape, dtype=torch.promote_types(scores.dtype, torch.float32),
                                 device=mask.device)
     rows = torch.arange(len(scores), device=mask.device)
-    token_rewards[rows, (lengths - 1).clamp(min=0)] = scores.to(token_rewards.dtype) * (lengths > 0)
+    token_rewards[rows, last_masked_index(mask)] = scores.to(token_rewards.dtype) * (lengths > 0)
     return reinforce_pp_advantages(token_rewards, mask, gamma=1.0)

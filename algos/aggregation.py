@@ -10,7 +10,8 @@ Every mode accepts all three counts and ignores the ones it does not use, so the
 the same counts whatever mode the recipe names (config validation, not this module, is the place
 to reject a `norm_len` set for a mode that ignores it).
 
-Also home of the masked statistics the other modules share: masked_mean and masked_whiten.
+Also home of the masked statistics the other modules share: masked_mean, masked_whiten and
+last_masked_index.
 """
 
 import torch
@@ -31,6 +32,15 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     if dim is None:
         return (x * m).sum() / (m.sum() + 1e-8)
     return (x * m).sum(dim) / (m.sum(dim) + 1e-8)
+
+
+def last_masked_index(mask: Tensor) -> Tensor:
+    """(B,) long index of each row's last masked-in token, where an outcome reward goes (spec §1.1);
+    0 for an empty row. mask (B, T). Equals Σ_t mask − 1 when the mask has no gaps; with tool
+    turns inside a response (mask 0 on the tools' tokens) it is the last token the policy sampled."""
+    positions = torch.arange(1, mask.shape[-1] + 1, device=mask.device)  # (T,)
+    return ((mask != 0) * positions).amax(-1).clamp(min=1).long() - 1 if mask.shape[-1] else \
+        torch.zeros(mask.shape[:-1], dtype=torch.long, device=mask.device)
 
 
 @torch.no_grad()

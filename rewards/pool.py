@@ -1,11 +1,13 @@
-"""Persistent reward worker processes with a wall-clock limit on every call.
+"""Persistent worker processes with a wall-clock limit on every call: rewards, and the tools a
+policy calls during rollout (rlcore.tools).
 
 Why processes: Math-Verify's timeouts use SIGALRM (main thread only), and hung user code can
 only be stopped by killing its process. Workers are started with 'spawn' because forking a
 process that already runs torch threads can deadlock the child. Each worker imports the
-rewards itself, by name (user files by absolute path), and then serves one task at a time:
-the parent hands the next (sample, reward) task to whichever worker is free, so a slow
-sample holds up one worker, not the batch, and a task's clock starts when it is sent.
+functions itself, by name (user files by absolute path) through a resolver named as
+"module:function" (rewards by default), and then serves one task at a time: the parent hands
+the next task to whichever worker is free, so a slow call holds up one worker, not the batch,
+and a task's clock starts when it is sent.
 """
 
 import logging
@@ -28,26 +30,32 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-Task = tuple[int, str, str, Mapping[str, Any]]
-"""(reward index, prompt, response, row)."""
-Outcome = tuple[float, str | None, bool]
-"""(score, error message or None, timed out). Failed calls score 0.0."""
+Task = tuple
+"""(function index, *positional arguments): a reward's (index, prompt, response, row)."""
+Outcome = tuple[Any, str | None, bool]
+"""(value, error message or None, timed out). Failed calls give 0.0 (results="float") or None."""
+
+REWARD_RESOLVER = "rewards.registry:resolve_reward"
 
 _STARTUP_TIMEOUT_S = 300.0  # spawn + imports; generous because a loaded node starts slowly
 
 
-def _worker_main(conn: Connection, names: list[str], kwargs_list: list[dict]) -> None:
-    """Worker loop: resolve the rewards, say "ready", then answer tasks until None or EOF.
+def _worker_main(conn: Connection, names: list[str], kwargs_list: list[dict], resolver: str = REWARD_RESOLVER,
+                 results: str = "float") -> None:
+    """Worker loop: resolve the functions, say "ready", then answer tasks until None or EOF.
 
-    A reward fn may carry a `warmup()` attribute, called before "ready" (math imports
-    Math-Verify there, so that ~1 s is not charged to the first sample's time limit).
+    A fn may carry a `warmup()` attribute, called before "ready" (math imports Math-Verify
+    there, so that ~1 s is not charged to the first sample's time limit). results="float": each
+    value must be a finite number (rewards); "any": sent back as returned (must pickle).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the trainer, which stops us
     _exit_with_parent()
     try:
-        from rewards.registry import resolve_reward
+        import importlib
 
-        fns = [resolve_reward(name) for name in names]
+        module, _, fn_name = resolver.partition(":")
+        resolve = getattr(importlib.import_module(module), fn_name)
+        fns = [resolve(name) for name in names]
         for fn in fns:
             getattr(fn, "warmup", lambda: None)()
     except BaseException as e:
@@ -61,14 +69,17 @@ def _worker_main(conn: Connection, names: list[str], kwargs_list: list[dict]) ->
             return
         if task is None:
             return
-        index, prompt, response, row = task
+        index, *args = task
+        failed = 0.0 if results == "float" else None
         try:
-            value = float(fns[index](prompt, response, row, **kwargs_list[index]))
-            if not math.isfinite(value):
-                raise ValueError(f"reward returned {value}")
+            value = fns[index](*args, **kwargs_list[index])
+            if results == "float":
+                value = float(value)
+                if not math.isfinite(value):
+                    raise ValueError(f"reward returned {value}")
             conn.send((value, None))
         except BaseException as e:  # SystemExit from user code included: report, keep serving
-            conn.send((0.0, f"{type(e).__name__}: {e}"))
+            conn.send((failed, f"{type(e).__name__}: {e}"))
 
 
 def _exit_with_parent() -> None:
@@ -116,14 +127,21 @@ class _Worker:
 class WorkerPool:
     """`num_workers` processes that run tasks with a per-call wall-clock limit.
 
-    names[i] / kwargs_list[i] define reward i (names resolvable by `resolve_reward`). On a
-    timeout the worker is killed and replaced; on a crash likewise. Thread-safe (one batch
+    names[i] / kwargs_list[i] define function i: `resolver` ("module:function", importable in a
+    fresh process) maps a name to a callable, called as fn(*task[1:], **kwargs_list[i]); rewards by
+    default. results: "float" (a finite number; failures give 0.0) or "any" (failures give None).
+    On a timeout the worker is killed and replaced; on a crash likewise. Thread-safe (one batch
     at a time). Workers start in the constructor; the first `run` waits for them.
     """
 
-    def __init__(self, names: list[str], kwargs_list: list[dict], *, num_workers: int, timeout_s: float):
+    def __init__(self, names: list[str], kwargs_list: list[dict], *, num_workers: int, timeout_s: float,
+                 resolver: str = REWARD_RESOLVER, results: str = "float", name: str = "reward-worker"):
+        if results not in ("float", "any"):
+            raise ValueError(f"WorkerPool results={results!r}: expected 'float' or 'any'")
         self._ctx = mp.get_context("spawn")
-        self._args = (list(names), [dict(k) for k in kwargs_list])
+        self._args = (list(names), [dict(k) for k in kwargs_list], resolver, results)
+        self._failed = 0.0 if results == "float" else None
+        self._name = name
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._workers: list[_Worker] = []
@@ -135,7 +153,7 @@ class WorkerPool:
         parent_conn, child_conn = self._ctx.Pipe()
         # daemon: multiprocessing kills it at exit even if close() was never called.
         proc = self._ctx.Process(
-            target=_worker_main, args=(child_conn, *self._args), daemon=True, name="reward-worker"
+            target=_worker_main, args=(child_conn, *self._args), daemon=True, name=self._name
         )
         with _main_hidden():
             proc.start()
@@ -150,7 +168,7 @@ class WorkerPool:
         """One outcome per task, in order. Raises only if a worker cannot start."""
         with self._lock:
             if not self._finalizer.alive:
-                raise RuntimeError("reward worker pool is closed")
+                raise RuntimeError(f"{self._name} pool is closed")
             try:
                 return self._run(tasks)
             except BaseException:
@@ -180,8 +198,8 @@ class WorkerPool:
             for i, w in enumerate(self._workers):
                 if (w.task is not None or not w.ready) and now >= w.deadline:
                     if not w.ready:
-                        raise RuntimeError(f"reward worker did not start within {_STARTUP_TIMEOUT_S:.0f} s")
-                    outcomes[w.task] = (0.0, f"timed out after {self._timeout_s} s", True)
+                        raise RuntimeError(f"{self._name} did not start within {_STARTUP_TIMEOUT_S:.0f} s")
+                    outcomes[w.task] = (self._failed, f"timed out after {self._timeout_s} s", True)
                     num_done += 1
                     self._replace(i)
         return outcomes  # type: ignore[return-value]  # every slot is filled
@@ -192,7 +210,7 @@ class WorkerPool:
         try:
             payload = pickle.dumps(tasks[t], protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as e:
-            outcomes[t] = (0.0, f"cannot pickle the sample for the worker: {type(e).__name__}: {e}", False)
+            outcomes[t] = (self._failed, f"cannot pickle the task for the worker: {type(e).__name__}: {e}", False)
             return 1
         try:
             w.conn.send_bytes(payload)
@@ -211,16 +229,16 @@ class WorkerPool:
         except (EOFError, OSError):
             w.proc.join(timeout=1.0)
             if not w.ready:
-                raise RuntimeError(f"reward worker exited while starting (exit code {w.proc.exitcode})") from None
+                raise RuntimeError(f"{self._name} exited while starting (exit code {w.proc.exitcode})") from None
             finished = 0
             if w.task is not None:
-                outcomes[w.task] = (0.0, f"reward worker died (exit code {w.proc.exitcode})", False)
+                outcomes[w.task] = (self._failed, f"{self._name} died (exit code {w.proc.exitcode})", False)
                 finished = 1
             self._replace(i)
             return finished
         if not w.ready:
             if value == "init_error":
-                raise RuntimeError(f"reward worker failed to start: {error}")
+                raise RuntimeError(f"{self._name} failed to start: {error}")
             w.ready = True
             return 0
         outcomes[w.task] = (value, error, False)
@@ -248,5 +266,5 @@ def _stop_all(workers: list[_Worker]) -> None:
     for w in workers:
         w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
         if w.proc.is_alive():
-            logger.warning("reward worker %d did not stop; killing it", w.proc.pid)
+            logger.warning("worker %d (%s) did not stop; killing it", w.proc.pid, w.proc.name)
         _kill(w)

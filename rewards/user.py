@@ -31,25 +31,26 @@ def canonical_user_name(name: str) -> str:
     return f"{USER_PREFIX}{path}:{fn_name}"
 
 
-def load_user_fn(name: str) -> Callable[..., float]:
-    """Import the file named in `name` (once per process) and return its function."""
+def load_user_fn(name: str, *, what: str = "reward", key: str = "reward[i].name") -> Callable[..., float]:
+    """Import the file named in `name` (once per process) and return its function. `what` and `key`
+    word the errors (a tool file is named by rollout.tools[i].name)."""
     path, fn_name = split_user_name(name)
     given = name.removeprefix(USER_PREFIX).rpartition(":")[0]
     if not path.is_file():
         raise FileNotFoundError(
-            f"reward file {given!r} not found (looked for {path}); fix the reward[i].name key: "
+            f"{what} file {given!r} not found (looked for {path}); fix the {key} key: "
             f"{USER_PREFIX}path/to/file.py:fn, path relative to the working directory {Path.cwd()} or absolute"
         )
-    module = _MODULES.get(path) or _import_file(path)
+    module = _MODULES.get(path) or _import_file(path, what)
     fn = getattr(module, fn_name, None)
     if fn is None:
-        raise AttributeError(f"reward file {path} has no function {fn_name!r}; fix the reward[i].name key")
+        raise AttributeError(f"{what} file {path} has no function {fn_name!r}; fix the {key} key")
     if not callable(fn):
-        raise TypeError(f"{fn_name!r} in reward file {path} is not callable ({type(fn).__name__})")
+        raise TypeError(f"{fn_name!r} in {what} file {path} is not callable ({type(fn).__name__})")
     return fn
 
 
-def _import_file(path: Path) -> ModuleType:
+def _import_file(path: Path, what: str = "reward") -> ModuleType:
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
     module_name = f"_rewards_user_{path.stem}_{digest}"
     spec = importlib.util.spec_from_file_location(module_name, path)
@@ -61,7 +62,7 @@ def _import_file(path: Path) -> ModuleType:
         spec.loader.exec_module(module)
     except BaseException as e:
         del sys.modules[module_name]
-        e.add_note(f"while importing reward file {path}")
+        e.add_note(f"while importing {what} file {path}")
         raise
     _MODULES[path] = module
     return module

@@ -2,9 +2,16 @@
 
 Shapes: B = sequences, T = response tokens (right-padded), P = longest prompt + response.
 
-Padding and the mask are different things: a row's real tokens are its first `lengths[b]` response
-tokens (padding after them); `mask` marks the tokens that are trained, which may leave out real
-tokens inside the response (tool outputs). Forwards keep every real token and drop only padding.
+Two different things mark a row's response tokens, and they differ once rollouts call tools:
+    lengths (B,)   the row's REAL response tokens: positions t < lengths[b] are tokens of the sequence
+                   (the model's, and in multi-turn rollouts the chat template's and the tools'),
+                   positions t >= lengths[b] are PADDING. Forward passes feed the real tokens and
+                   nothing else; padding exists only to make a rectangle.
+    mask (B, T)    the TRAINED tokens: 1 on tokens the policy sampled, 0 on padding AND on the
+                   template / tool-output tokens inside a trajectory (real tokens with mask 0). Log-probs,
+                   entropy, KL, the policy and value losses, the aggregation counts and the advantages
+                   are all taken over the mask.
+In a single-turn rollout the two coincide (mask = 1 exactly on t < lengths[b]).
 """
 
 from __future__ import annotations
@@ -26,11 +33,11 @@ class RolloutBatch:
     prompt_ids: list[list[int]]
     """B prompts (repeated per sample)."""
     response_ids: Tensor
-    """(B, T) long, generated tokens, 0 after the end."""
+    """(B, T) long, response tokens (multi-turn: model, template and tool tokens), 0 after the end."""
     mask: Tensor
-    """(B, T) float, 1 on generated tokens including EOS."""
+    """(B, T) float, 1 on tokens the model sampled (EOS included), 0 on template / tool tokens and padding."""
     rollout_logprobs: Tensor
-    """(B, T) float, engine log-probs of the sampled tokens (0 after the end)."""
+    """(B, T) float, engine log-probs of the sampled tokens (0 where mask is 0)."""
     group_ids: Tensor
     """(B,) long, index of the prompt within the step."""
     is_truncated: Tensor
@@ -38,13 +45,20 @@ class RolloutBatch:
     routing: list[Tensor] | None = None
     """MoE: per sample, (prompt + response - 1, layers, top_k) expert ids chosen during rollout."""
     lengths: Tensor | None = None
-    """(B,) long, real response tokens per row (trained or not); None: response_lengths(mask)."""
+    """(B,) long, real response tokens per row (trained or not); None: response_lengths(mask), one past the
+    last trained token (a multi-turn trajectory ends with a model turn)."""
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
+    def real_lengths(self) -> Tensor:
+        """(B,) long real response tokens per row."""
+        return response_lengths(self.mask) if self.lengths is None else self.lengths
+
     @staticmethod
     def from_samples(prompts: list[list[int]], samples: list[list[Sample]]) -> "RolloutBatch":
+        """samples: rollout.Sample (every token the model's) or rlcore.agent.Trajectory (a `mask`
+        marking the model's tokens among the template's and the tools')."""
         flat = [(g, p, s) for g, (p, group) in enumerate(zip(prompts, samples)) for s in group]
         T = max(1, max(len(s.token_ids) for _, _, s in flat))
         ids = torch.zeros(len(flat), T, dtype=torch.long)
@@ -54,7 +68,8 @@ class RolloutBatch:
             n = len(s.token_ids)
             ids[i, :n] = torch.tensor(s.token_ids, dtype=torch.long)
             logps[i, :n] = torch.tensor(s.logprobs)
-            mask[i, :n] = 1.0
+            trained = getattr(s, "mask", None)
+            mask[i, :n] = 1.0 if trained is None else torch.tensor(trained, dtype=torch.float32)
         return RolloutBatch(
             prompt_ids=[p for _, p, _ in flat],
             response_ids=ids,
@@ -99,6 +114,7 @@ class TrainBatch:
     response_ids: Tensor
     """(B, T) long."""
     mask: Tensor
+    """Trained tokens (module docstring)."""
     old_logprobs: Tensor | None
     """None when the update is exactly on-policy: the update's own log-probs, detached, are then
     bitwise the old ones, and the separate forward is skipped (Actor.update returns them)."""
@@ -122,7 +138,7 @@ class TrainBatch:
         return response_lengths(self.mask) if self.lengths is None else self.lengths
 
     def select(self, idx: list[int]) -> "TrainBatch":
-        """Rows `idx`, with T trimmed to the longest selected response."""
+        """Rows `idx`, with T trimmed to the longest selected response (real tokens, not just trained)."""
         index = torch.tensor(idx, dtype=torch.long)
         T = max(1, int(self.real_lengths()[index].max().item()))
         out = {}

@@ -85,8 +85,9 @@ def _data_identity(cfg: RLConfig) -> dict:
     return {"files": files, "prompt_key": d.prompt_key, "messages_key": d.messages_key, "chat": d.apply_chat_template}
 
 
-def build_data(cfg: RLConfig, tokenizer) -> tuple[Prompts, Prompts | None]:
-    return load_prompts(cfg.data, tokenizer, seed=cfg.trainer.seed)
+def build_data(cfg: RLConfig, tokenizer, tools: list[dict] | None = None) -> tuple[Prompts, Prompts | None]:
+    """(train, held-out) prompts; tools: rollout.tools' JSON schemas, rendered by the chat template."""
+    return load_prompts(cfg.data, tokenizer, seed=cfg.trainer.seed, tools=tools or None)
 
 
 def reward_specs(cfg: RLConfig, tokenizer) -> list[tuple[str, float, dict]]:

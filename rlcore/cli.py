@@ -3,7 +3,7 @@
     rlcore train [RECIPE|PATH] [key=value ...]   no recipe: the quickstart
     rlcore plan [RECIPE|PATH] [key=value ...] [--device-gb N]
                                                  memory per rank and phase, before anything loads
-    rlcore ls                                    recipes, algorithms, rewards, engines, tasks
+    rlcore ls                                    recipes, algorithms, rewards, engines, tools, tasks
     rlcore export RUN_OR_CHECKPOINT OUT          a Hugging Face folder, checked by reloading
 """
 
@@ -187,9 +187,12 @@ def _print_start(cfg, plan, trainer, run_dir: Path) -> None:
     ranks = f" x {plan.world_size} ranks ({cfg.trainer.sharding})" if plan.world_size > 1 else ""
     p = trainer.train_prompts
     unencodable = f", {p.num_unencodable} with characters the tokenizer cannot encode" if p.num_unencodable else ""
+    r = cfg.rollout
+    tools = f" | tools {', '.join(s.exposed for s in trainer.tools.specs)} ({r.tool_format}, up to {r.max_turns} " \
+            "turns)" if trainer.tools is not None else ""
     print(f"run folder {run_dir} | {params / 1e6:.2f}M parameters on {plan.device}{ranks} | "
           f"{len(p)} prompts ({p.num_dropped} dropped as too long{unencodable}) | "
-          f"engine {trainer.engine_name} ({trainer.engine_reason})", file=sys.stderr)
+          f"engine {trainer.engine_name} ({trainer.engine_reason}){tools}", file=sys.stderr)
     for prompts in (p, trainer.eval_prompts):
         if prompts is not None and prompts.unencodable_note:
             print(f"warning: {prompts.num_unencodable} prompts dropped; {prompts.unencodable_note}", file=sys.stderr)
@@ -297,6 +300,7 @@ def ls() -> int:
     from rewards import REWARDS
     from rewards.model_terms import MODEL_REWARDS
     from rlcore.tasks import TASKS
+    from rlcore.tools import TOOLS
     from rollout import ENGINES
 
     print(f"recipes ({recipes_dir()}):")
@@ -309,6 +313,7 @@ def ls() -> int:
                          ("KL estimators (algo.kl.estimator)", KL_ESTIMATORS),
                          ("rewards (reward.terms[i].name; also python:path/file.py:fn)", [*REWARDS, *MODEL_REWARDS]),
                          ("rollout engines (rollout.engine)", ENGINES),
+                         ("tools (rollout.tools[i].name; also python:path/file.py:fn)", TOOLS),
                          ("synthetic tasks (data.task.name)", TASKS)]:
         print(f"{title}:\n  " + ", ".join(sorted(table)))
     return 0

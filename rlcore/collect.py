@@ -24,6 +24,7 @@ from algos import overlong_penalty
 from rewards import PendingReward, RewardResult
 from rewards.steps import step_end_tokens
 from rlcore import dist
+from rlcore.agent import AgentEngine, Trajectory, agent_metrics, reward_inputs
 from rlcore.batch import RolloutBatch, StepRewards
 from rollout import Sample
 
@@ -35,11 +36,12 @@ class Collected:
     scores: torch.Tensor
     """(B,) rewards of the kept samples, length shaping included."""
     metrics: dict[str, float]
-    """reward/* over every sample generated this step; filter/* when filtering."""
+    """reward/* (and agent/* with tools) over every sample generated this step; filter/* when filtering."""
     prompt_indices: list[int]
     """Every prompt index drawn this step, in order (for audit and resume checks)."""
-    examples: list[tuple[str, str, float]]
-    """(prompt, response, reward) of the first samples, for the TensorBoard text."""
+    examples: list[tuple[str, str, float, Trajectory | None]]
+    """(prompt, response, reward, the trajectory with tools or None) of the first samples, for the
+    TensorBoard text."""
     steps: StepRewards | None = None
     """With a dense process reward: the kept samples' weighted step scores and step-end tokens."""
     reward_errors: dict[str, str] = field(default_factory=dict)
@@ -91,9 +93,16 @@ def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, ti
             samples = engine.generate([prompts.token_ids[i] for i in idx], sampling)
         flat = [(i, s) for i, group in zip(idx, samples) for s in group]
         texts = [prompts.texts[i] for i, _ in flat]
-        responses = [tokenizer.decode(s.token_ids, skip_special_tokens=True) for _, s in flat]
-        pending = reward_fn.submit(texts, responses, [prompts.rows[i] for i, _ in flat])
+        # With tools: the final turn is the response, the whole trajectory rides in the row.
+        responses, rows = reward_inputs([s for _, s in flat], [prompts.rows[i] for i, _ in flat], tokenizer)
+        pending = reward_fn.submit(texts, responses, rows)
         return _Round(idx, samples, texts, responses, pending)
+
+    def rollout_metrics(rounds: list[_Round]) -> dict[str, float]:
+        metrics = agent_metrics([s for r in rounds for group in r.samples for s in group])
+        if isinstance(engine, AgentEngine):
+            metrics["timing/tools"] = engine.pop_tool_wall_seconds()
+        return metrics
 
     def score(r: _Round) -> _Scored:
         return _score(r, cfg, tokenizer, timer)
@@ -103,10 +112,11 @@ def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, ti
         # them while the caller runs its model passes (reference, critic, old log-probs).
         r = generate(sampler.next_batch(need_global))
         batch = RolloutBatch.from_samples([prompts.token_ids[i] for i in r.idx], r.samples)
+        agent = rollout_metrics([r])
 
         def finish() -> Collected:
             s = score(r)
-            return Collected(batch, s.scores, _reward_metrics([r], [s]), list(r.idx), _examples(r, s),
+            return Collected(batch, s.scores, _reward_metrics([r], [s]) | agent, list(r.idx), _examples(r, s),
                              StepRewards.from_lists(s.steps) if s.steps else None, _first_errors([s]))
         if not overlap:
             done = finish()
@@ -139,7 +149,7 @@ def collect(*, cfg, sampler, prompts, engine, sampling, tokenizer, reward_fn, ti
         kept_prompts, kept_samples, kept_scores = kept_prompts[:fewest], kept_samples[:fewest], kept_scores[:fewest]
         kept_steps = kept_steps[: fewest * n]
     drawn = [i for r in rounds for i in r.idx]
-    metrics = _reward_metrics(rounds, scored)
+    metrics = _reward_metrics(rounds, scored) | rollout_metrics(rounds)
     metrics |= {"filter/dropped_frac": num_constant / len(drawn), "filter/rounds": float(len(rounds)),
                 "filter/hit_max_rounds": float(len(kept_prompts) < need)}
     if len(kept_prompts) < need:
@@ -177,8 +187,9 @@ def _first_errors(scored: list[_Scored]) -> dict[str, str]:
     return out
 
 
-def _examples(r: _Round, s: _Scored) -> list[tuple[str, str, float]]:
-    return list(zip(r.texts, r.responses, s.scores.tolist()))[:4]
+def _examples(r: _Round, s: _Scored) -> list[tuple[str, str, float, Trajectory | None]]:
+    flat = [x if isinstance(x, Trajectory) else None for group in r.samples for x in group]
+    return list(zip(r.texts, r.responses, s.scores.tolist(), flat))[:4]
 
 
 def _steps(result, flat: list[Sample], tokenizer) -> list[tuple[list[float], list[int]]]:

@@ -154,6 +154,20 @@ class DataConfig(_Node):
 
 
 @dataclass
+class ToolTerm(_Node):
+    name: str = "calculator"
+    """Tool (see `rlcore ls`): calculator, python (runs the model's code in the code reward's
+    sandbox), or python:path/to/file.py:fn for your own (docs/tools.md)."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments bound on every call (limits and the like; never the model's to set), e.g.
+    python's {timeout_s: 5, memory_mb: 512}."""
+    schema: Optional[dict[str, Any]] = None
+    """JSON schema of the tool ({"type": "function", "function": {name, description, parameters}}, or
+    its function part) handed to the chat template; unset: the tool's own, or derived from the
+    function's type hints and "Args:" docstring."""
+
+
+@dataclass
 class RolloutConfig(_Node):
     engine: str = "auto"
     """Generation backend: hf, vllm (see `rlcore ls`), or auto: vllm where it is installed and measured
@@ -176,7 +190,23 @@ class RolloutConfig(_Node):
     samples_per_prompt: int = 8
     """Samples generated for each prompt: the GRPO group size."""
     max_new_tokens: int = 256
-    """Most tokens generated per sample; longer ones are cut (finish reason 'length')."""
+    """Most tokens generated per sample; longer ones are cut (finish reason 'length'). With tools, the
+    budget of all of a sample's response tokens: its turns, and the template's and tools' between them."""
+    max_turns: int = 1
+    """Model turns per sample (1 = single-turn). With rollout.tools: a turn that ends in a tool call is
+    followed by the tool's output as a tool turn and a new model turn, until a turn without a call,
+    this many turns, or rollout.max_new_tokens (docs/tools.md)."""
+    tools: list[ToolTerm] = field(default_factory=list)
+    """Tools the policy may call while it generates (needs rollout.max_turns >= 2 and the chat template:
+    data.apply_chat_template or data.messages_key); empty = no tools."""
+    tool_format: str = "hermes"
+    """How calls are written: hermes (<tool_call>{"name": ..., "arguments": {...}}</tool_call>, the
+    Qwen/Hermes template format) or python_block (a fenced ```python block calls the python tool)."""
+    tool_timeout_s: float = 10.0
+    """Wall-clock limit of one tool call; past it the call's worker is killed and the model reads a
+    timeout error as the tool's output (agent/tool_errors)."""
+    tool_workers: int = 2
+    """Worker processes running tool calls (per rank); a round's calls run in parallel on them."""
     temperature: float = 1.0
     """Sampling temperature; log-probs in the loss use the same temperature."""
     top_p: float = 1.0

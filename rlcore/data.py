@@ -91,7 +91,7 @@ def _first_bad_json_line(path: Path) -> str | None:
     return None
 
 
-def _prompt_text(row: dict, cfg: DataConfig, tokenizer, where: str) -> str:
+def _prompt_text(row: dict, cfg: DataConfig, tokenizer, where: str, tools: list[dict] | None = None) -> str:
     key = cfg.messages_key or cfg.prompt_key
     value = row.get(key)
     if value is None:
@@ -102,23 +102,27 @@ def _prompt_text(row: dict, cfg: DataConfig, tokenizer, where: str) -> str:
     missing = [f for f in cfg.fields if row.get(f) is None]
     if missing:
         raise DataError(f"{where}: missing field(s) {missing} that data.fields says the rewards need")
+    # The tools' JSON schemas go to the template, which describes them to the model where it can
+    # (Qwen, Hermes: a system block); the built-in character template leaves them out.
     if cfg.messages_key:
-        return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(value, tools=tools, tokenize=False, add_generation_prompt=True)
     if cfg.apply_chat_template:
         messages = [{"role": "user", "content": str(value)}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     return str(value)
 
 
-def tokenize_prompts(rows: list[dict], tokenizer, cfg: DataConfig, source: str) -> Prompts:
+def tokenize_prompts(rows: list[dict], tokenizer, cfg: DataConfig, source: str,
+                     tools: list[dict] | None = None) -> Prompts:
     """Check and tokenise rows; over-long prompts and prompts with characters the tokenizer cannot
-    encode are dropped and counted. Row numbers in messages are 1-based."""
+    encode are dropped and counted. Row numbers in messages are 1-based. tools: JSON schemas for the
+    chat template (rollout.tools)."""
     kept_rows, texts, ids, dropped = [], [], [], 0
     lost_chars = _LostCharacters(tokenizer)
     unencodable, note = 0, ""
     for i, row in enumerate(rows):
         where = f"{source} row {i + 1}"
-        text = _prompt_text(row, cfg, tokenizer, where)
+        text = _prompt_text(row, cfg, tokenizer, where, tools)
         lost = lost_chars(text)
         if lost:
             unencodable += 1
@@ -162,26 +166,28 @@ class _LostCharacters:
         return self.seen[c]
 
 
-def load_prompts(cfg: DataConfig, tokenizer, *, seed: int) -> tuple[Prompts, Prompts | None]:
-    """(train, eval) prompts from data.train_files / eval_files, or from the synthetic task."""
+def load_prompts(cfg: DataConfig, tokenizer, *, seed: int, tools: list[dict] | None = None
+                 ) -> tuple[Prompts, Prompts | None]:
+    """(train, eval) prompts from data.train_files / eval_files, or from the synthetic task; tools:
+    the JSON schemas of rollout.tools, for the chat template."""
     if not cfg.train_files:
         task = TASKS[cfg.task.name](num_digits=cfg.task.num_digits, ops=cfg.task.ops,
                                     answer_format=cfg.task.answer_format)
         source = f"task {cfg.task.name}"
-        train = tokenize_prompts(task.rows("train", cfg.task.num_train, seed), tokenizer, cfg, source)
+        train = tokenize_prompts(task.rows("train", cfg.task.num_train, seed), tokenizer, cfg, source, tools)
         evals = task.rows("eval", min(cfg.task.num_eval, cfg.max_eval_prompts), seed)
-        return train, tokenize_prompts(evals, tokenizer, cfg, source + " (eval)")
-    train = _load_files(cfg.train_files, tokenizer, cfg)
+        return train, tokenize_prompts(evals, tokenizer, cfg, source + " (eval)", tools)
+    train = _load_files(cfg.train_files, tokenizer, cfg, tools)
     if not cfg.eval_files:
         return train, None
-    evals = _load_files(cfg.eval_files, tokenizer, cfg)
+    evals = _load_files(cfg.eval_files, tokenizer, cfg, tools)
     n = min(len(evals), cfg.max_eval_prompts)
     return train, Prompts(evals.rows[:n], evals.texts[:n], evals.token_ids[:n], evals.num_dropped,
                           evals.num_unencodable, evals.unencodable_note)
 
 
-def _load_files(files: list[str], tokenizer, cfg: DataConfig) -> Prompts:
-    parts = [tokenize_prompts(read_rows(f), tokenizer, cfg, f"data file {f!r}") for f in files]
+def _load_files(files: list[str], tokenizer, cfg: DataConfig, tools: list[dict] | None = None) -> Prompts:
+    parts = [tokenize_prompts(read_rows(f), tokenizer, cfg, f"data file {f!r}", tools) for f in files]
     return Prompts(
         [r for p in parts for r in p.rows],
         [t for p in parts for t in p.texts],

@@ -136,7 +136,8 @@ def any_rank(flag: bool) -> bool:
 # summed too. Everything else is a per-rank mean, or the same on every rank: averaged.
 _SUMMED = ("actor/pg_loss", "actor/entropy", "actor/kl", "actor/positive_nll", "actor/router_aux_loss",
            "actor/clipfrac", "actor/clipfrac_lower", "actor/clipfrac_upper", "actor/approx_kl", "actor/ratio_mean",
-           "critic/value_loss", "critic/vf_clipfrac", "perf/generated_tokens", "reward/samples")
+           "critic/value_loss", "critic/vf_clipfrac", "perf/generated_tokens", "reward/samples",
+           "agent/tool_calls", "agent/tool_errors", "agent/tool_seconds")
 _COUNTS = ("/errors", "/timeouts", "/no_step_samples")
 
 

@@ -88,8 +88,11 @@ def response_logprobs(
     lengths: Tensor | None = None,
     packed: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """log π(y_t | x, y_<t) of each response token, (B, T), 0 where mask is 0; entropy likewise.
+    """log π(y_t | x, y_<t) of each trained response token, (B, T), 0 where mask is 0; entropy likewise.
 
+    One forward over each row's whole sequence (its `lengths` real tokens: with tools, the template's
+    and the tools' too), scoring only the mask's tokens: the others never reach the LM head, so no
+    gradient can come from them.
     model: a causal LM, or the ResponseScorer around it (which FSDP shards as the root).
     Gradients flow when called under grad mode (the update); wrap in no_grad for old/ref log-probs.
     entropy_grad=False computes the entropy outside the autograd graph (a metric only), so backward

@@ -7,6 +7,7 @@ the training split (the split is decided by a hash of the problem, so it is stab
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 
 TASKS: dict[str, type] = {}
@@ -20,6 +21,19 @@ def _register(name: str):
         return cls
 
     return deco
+
+
+def tool_trace(tool: str, expression: str, value: str) -> list[dict[str, str]]:
+    """The messages of one tool-use answer: the model calls `tool` ("calculator" in the Hermes format,
+    "python" as a fenced block) on the expression, reads `value`, and answers it. The tool's output
+    is written as the built-in tool prints it, so a warm start on the trace sees what RL will."""
+    if tool == "calculator":
+        call = json.dumps({"name": "calculator", "arguments": {"expression": expression}})
+        content, output = f"<tool_call>{call}</tool_call>", value
+    else:
+        content, output = f"```python\nprint({expression})\n```", value + "\n"
+    return [{"role": "assistant", "content": content}, {"role": "tool", "name": tool, "content": output},
+            {"role": "assistant", "content": value}]
 
 
 def _is_eval(key: str, eval_fraction: float) -> bool:
@@ -38,9 +52,13 @@ class Arithmetic:
         boxed    "\\boxed{82}"            (math-style; for the math and format rewards)
         steps    "37+45\n\n82"          (two steps separated by a blank line; for process rewards)
         program  "print(82)"             (a Python program; rows also get "tests" for the code reward)
+        tool_calculator, tool_python     a tool-use trace (a list of chat messages): the model's call,
+                 the tool's output, the model's answer "82". The call is Hermes-style
+                 <tool_call>{"name": "calculator", "arguments": {"expression": "37+45"}}</tool_call>,
+                 or a fenced ```python block printing 37+45 (rollout.tool_format=python_block).
     """
 
-    FORMATS = ("plain", "boxed", "steps", "program")
+    FORMATS = ("plain", "boxed", "steps", "program", "tool_calculator", "tool_python")
 
     def __init__(self, *, num_digits: int = 2, ops: str = "+", answer_format: str = "plain",
                  eval_fraction: float = 0.1):
@@ -60,8 +78,11 @@ class Arithmetic:
             a, b = b, a
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
         row = {"prompt": f"{a}{op}{b}=", "answer": str(value)}
-        row["target"] = {"plain": f"{value}", "boxed": f"\\boxed{{{value}}}", "steps": f"{a}{op}{b}\n\n{value}",
-                         "program": f"print({value})"}[self.answer_format]
+        if self.answer_format.startswith("tool_"):
+            row["target"] = tool_trace(self.answer_format.removeprefix("tool_"), f"{a}{op}{b}", str(value))
+        else:
+            row["target"] = {"plain": f"{value}", "boxed": f"\\boxed{{{value}}}",
+                             "steps": f"{a}{op}{b}\n\n{value}", "program": f"print({value})"}[self.answer_format]
         if self.answer_format == "program":
             row["tests"] = [{"input": "", "output": str(value)}]
         return row

@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from algos import (ADVANTAGES, KL_ESTIMATORS, adaptive_kl_coef, gae, grpo_process_advantages, length_adaptive_lambda,
-                   masked_whiten, rollout_mismatch_metrics, step_token_rewards, truncated_is_weights)
+from algos import (ADVANTAGES, KL_ESTIMATORS, adaptive_kl_coef, gae, grpo_process_advantages, last_masked_index,
+                   length_adaptive_lambda, masked_whiten, rollout_mismatch_metrics, step_token_rewards,
+                   truncated_is_weights)
 from rewards import CompositeReward
 from rlcore import checkpoint as ckpt
 from rlcore import dist
 from rlcore.actor import Actor, batched_logprobs
+from rlcore.agent import AgentEngine, trajectory_markdown
 from rlcore.batch import TrainBatch
 from rlcore.build import build_data, build_policy, build_tokenizer, choose_engine, reward_specs
 from rlcore.collect import collect
@@ -40,6 +42,7 @@ from rlcore.models import DTYPES
 from rlcore.recipe import ConfigError, to_yaml
 from rlcore.sharding import shard
 from rlcore.sync import sync_weights, verify_rollout_logprobs
+from rlcore.tools import ToolRunner, tool_specs
 from rlcore.validate import Plan
 from rollout import ENGINES, SamplingParams
 from rollout.routing import routers
@@ -50,7 +53,8 @@ class Trainer:
         self.cfg, self.plan, self.run_dir = cfg, plan, run_dir
         seed_everything(cfg.trainer.seed + dist.rank())  # models are built from their own seeds: equal on all ranks
         self.tokenizer = build_tokenizer(cfg)
-        self.train_prompts, self.eval_prompts = build_data(cfg, self.tokenizer)
+        tools = tool_specs(cfg.rollout.tools)  # their schemas go into the prompts' chat template
+        self.train_prompts, self.eval_prompts = build_data(cfg, self.tokenizer, [t.schema for t in tools])
         check_enough_prompts(cfg, len(self.train_prompts))
         policy = build_policy(cfg, self.tokenizer, self.train_prompts, plan.device)
         lora = cfg.model.lora.rank > 0
@@ -69,6 +73,12 @@ class Trainer:
             **({"record_routing": True} if is_moe and records_routing(self.engine_name, cfg.rollout.mode, plan.device)
                else {}),
             **(vllm_options(cfg, plan, self.train_prompts, self.eval_prompts) if self.engine_name == "vllm" else {}))
+        # With tools the trainer drives the agent loop, which drives the engine turn by turn.
+        self.tools = ToolRunner(tools, timeout_s=cfg.rollout.tool_timeout_s, num_workers=cfg.rollout.tool_workers) \
+            if tools else None
+        self.rollout_engine = self.engine if self.tools is None else AgentEngine(
+            self.engine, self.tokenizer, self.tools, max_turns=cfg.rollout.max_turns,
+            tool_format=cfg.rollout.tool_format)
         value_model = build_value(cfg, policy)  # from the whole policy, before it is sharded
         if lora:
             policy = apply_lora(policy, cfg.model.lora)
@@ -111,7 +121,7 @@ class Trainer:
 
         # 1-4. prompts -> n samples each -> rewards; DAPO dynamic sampling repeats this to fill the step.
         #      Without it the rewards are still being scored (in the reward workers) during step 5.
-        collecting = collect(cfg=cfg, sampler=self.sampler, prompts=self.train_prompts, engine=self.engine,
+        collecting = collect(cfg=cfg, sampler=self.sampler, prompts=self.train_prompts, engine=self.rollout_engine,
                              sampling=self.sampling, tokenizer=self.tokenizer, reward_fn=self.reward_fn, timer=t,
                              overlap=self.overlap_rewards)
         self.engine.sleep()
@@ -168,7 +178,7 @@ class Trainer:
                     epochs=cfg.train.epochs_per_step, minibatches=cfg.train.minibatches_per_step,
                     lengths=batch.lengths)
 
-        # 8. record (metrics over all ranks)
+        # 8. record (metrics over all ranks); lengths count the policy's own tokens (not tool output)
         lengths = batch.mask.sum(-1)
         self._last = rollout
         return dist.reduce_metrics({
@@ -273,8 +283,11 @@ class Trainer:
         self._sync()
         p, r, w = self.eval_prompts, dist.rank(), self.plan.world_size
         mine = Prompts(p.rows[r::w], p.texts[r::w], p.token_ids[r::w], p.num_dropped)
-        result = evaluate(self.engine, self.reward_fn, mine, self.tokenizer, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                          stop_token_ids=self.sampling.stop_token_ids) if len(mine) else {"accuracy": 0.0, "reward_mean": 0.0}
+        result = {"accuracy": 0.0, "reward_mean": 0.0}
+        if len(mine):
+            result = evaluate(self.rollout_engine, self.reward_fn, mine, self.tokenizer,
+                              max_new_tokens=self.cfg.rollout.max_new_tokens,
+                              stop_token_ids=self.sampling.stop_token_ids)
         sums = dist.all_reduce(torch.tensor([result["accuracy"] * len(mine), result["reward_mean"] * len(mine),
                                              float(len(mine))], dtype=torch.float64))
         return {"accuracy": float(sums[0] / sums[2]), "reward_mean": float(sums[1] / sums[2])}
@@ -284,11 +297,14 @@ class Trainer:
 
     def probe_texts(self) -> list[str]:
         """Training text the export checks its tokenizer on: a few prompts and the last step's responses."""
-        responses = [r for _, r, _ in self._last.examples] if getattr(self, "_last", None) is not None else []
+        responses = [r for _, r, *_ in self._last.examples] if getattr(self, "_last", None) is not None else []
         return [*self.train_prompts.texts[:8], *responses]
 
     def _samples_markdown(self) -> str:
-        rows = [f"| {p!r} | {r!r} | {s:.3f} |" for p, r, s in self._last.examples]
+        examples = self._last.examples
+        if any(t is not None for *_, t in examples):  # trajectories: one block each, tool turns marked
+            return "\n\n---\n\n".join(trajectory_markdown(p, t, s) for p, _, s, t in examples)
+        rows = [f"| {p!r} | {r!r} | {s:.3f} |" for p, r, s, _ in examples]
         return "| prompt | response | reward |\n|---|---|---|\n" + "\n".join(rows)
 
     # ------------------------------------------------------------------ checkpoints
@@ -312,6 +328,8 @@ class Trainer:
         """Stop the reward workers and the engine. vLLM's shutdown destroys the process groups, the
         trainer's included: after a clean run the ranks first meet (see dist.shutdown for why)."""
         self.reward_fn.close()
+        if self.tools is not None:
+            self.tools.close()
         if hasattr(self.engine, "close"):
             if clean:
                 dist.barrier()
@@ -426,8 +444,9 @@ def overlap_rewards(reward_cfg, device: str) -> bool:
 
 
 def score_rewards(scores, mask) -> torch.Tensor:
-    """(B, T) token rewards: each score on its sample's last valid token (spec §1.1)."""
-    last = (mask.sum(-1).long() - 1).clamp(min=0)  # (B,)
+    """(B, T) token rewards: each score on its sample's last trained token (spec §1.1; with tools the
+    last token the policy sampled, never a tool's)."""
+    last = last_masked_index(mask)  # (B,)
     rewards = torch.zeros_like(mask)
     rewards[torch.arange(len(scores)), last] = scores * (mask.sum(-1) > 0)
     return rewards

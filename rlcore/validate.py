@@ -94,6 +94,7 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
     need(0 < r.top_p <= 1, f"rollout.top_p={r.top_p} must be in (0, 1]")
     need(r.top_k >= 0, f"rollout.top_k={r.top_k} must be >= 0 (0 = off)")
     need(r.sync_bucket_mb > 0, "rollout.sync_bucket_mb must be > 0")
+    errors += _tool_errors(cfg)
     # --- algorithm
     one_of("algo.estimator", a.estimator, ADVANTAGES)
     one_of("algo.policy_loss.name", a.policy_loss.name, POLICY_LOSSES)
@@ -189,6 +190,43 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
         seqs_per_minibatch_per_rank=seqs_per_rank // t.minibatches_per_step,
         device=device,
     )
+
+
+def _tool_errors(cfg: RLConfig) -> list[str]:
+    """Multi-turn rollouts: turns, tools, their format and what needs the chat template."""
+    from rlcore.toolcall import FORMATS
+
+    r, errors = cfg.rollout, []
+    if r.max_turns < 1:
+        errors.append("rollout.max_turns must be >= 1 (1 = single-turn)")
+    if not r.tools:
+        if r.max_turns > 1:
+            errors.append(f"rollout.max_turns={r.max_turns} but rollout.tools is empty: a turn only follows a tool "
+                          "call; add tools (docs/tools.md) or set rollout.max_turns=1")
+        return errors
+    if r.max_turns < 2:
+        errors.append("rollout.tools needs rollout.max_turns >= 2: the model reads a tool's output in its next turn")
+    if r.tool_format not in FORMATS:
+        errors.append(f"rollout.tool_format={r.tool_format!r} is not one of {list(FORMATS)}")
+    if r.tool_timeout_s <= 0 or r.tool_workers < 1:
+        errors.append("rollout.tool_timeout_s must be > 0 and rollout.tool_workers >= 1")
+    d = cfg.data
+    if not (d.apply_chat_template or d.messages_key):
+        errors.append("rollout.tools: tool turns are inserted through the chat template, so the prompts must be "
+                      "too: set data.apply_chat_template=true (or data.messages_key)")
+    if any(t.name in ("prm",) and t.args.get("dense") for t in cfg.reward.terms):
+        errors.append("a dense prm reward term with rollout.tools is not supported: its steps are found in one "
+                      "turn's text; use the prm as an outcome score (dense: false) or no tools")
+    try:
+        from rlcore.tools import tool_specs
+
+        specs = tool_specs(r.tools)
+        if r.tool_format == "python_block" and "python" not in [s.exposed for s in specs]:
+            errors.append("rollout.tool_format=python_block calls the tool named python; add {name: python} to "
+                          "rollout.tools")
+    except Exception as e:  # unknown tool, missing file or function, bad args or schema, no sandbox
+        errors.append(str(e))
+    return errors
 
 
 def _reward_errors(cfg: RLConfig) -> list[str]:

@@ -77,8 +77,10 @@ class Sample:
 class Engine(Protocol):
     """What the trainer drives. Call order per RL step: wake, load_weights, generate, sleep."""
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Sample]]:
-        """prompts: token ids, any lengths -> result[i] = the sampling.n samples of prompts[i]."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 max_new_tokens: list[int] | None = None) -> list[list[Sample]]:
+        """prompts: token ids, any lengths -> result[i] = the sampling.n samples of prompts[i].
+        max_new_tokens: per-prompt budgets (check_budgets), overriding sampling.max_new_tokens."""
         ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -101,6 +103,28 @@ def check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
             raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
         if min(prompt) < 0 or max(prompt) >= vocab_size:
             raise ValueError(f"prompt {i} has a token id outside [0, {vocab_size})")
+
+
+def check_budgets(budgets: list[int] | None, num_prompts: int, sampling: SamplingParams) -> None:
+    """Per-prompt budgets (multi-turn rollouts: each continuation has its own share of a sample's
+    token budget left): one per prompt, each in [1, sampling.max_new_tokens]."""
+    if budgets is None:
+        return
+    if len(budgets) != num_prompts:
+        raise ValueError(f"got {len(budgets)} max_new_tokens budgets for {num_prompts} prompts; give one per prompt")
+    if budgets and not 1 <= min(budgets) <= max(budgets) <= sampling.max_new_tokens:
+        raise ValueError(f"every max_new_tokens budget must be in [1, sampling.max_new_tokens="
+                         f"{sampling.max_new_tokens}]; got {min(budgets)}..{max(budgets)}")
+
+
+def cut_to_budget(sample: Sample, budget: int, prompt_len: int) -> Sample:
+    """The sample's first `budget` tokens ("length" when that cuts it). Discarding tokens past a
+    budget is the same as stopping there: each token is sampled given only the ones before it, so
+    the kept tokens and their log-probs are what a run stopped at the budget would have sampled."""
+    if len(sample.token_ids) <= budget:
+        return sample
+    routing = None if sample.routing is None else sample.routing[: prompt_len + budget - 1]
+    return Sample(sample.token_ids[:budget], sample.logprobs[:budget], "length", routing)
 
 
 def stop_ids(eos_token_ids, sampling: SamplingParams) -> list[int]:

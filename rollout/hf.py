@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from transformers import GenerationConfig
 
-from .base import Sample, SamplingParams, check_prompts, checksum, register, stop_ids
+from .base import Sample, SamplingParams, check_budgets, check_prompts, checksum, cut_to_budget, register, stop_ids
 from .hf_paged import generate_paged
 from .hf_padded import generate_padded
 from .routing import routers
@@ -88,17 +88,28 @@ class HFEngine:
 
     # --- generation ---------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Sample]]:
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 max_new_tokens: list[int] | None = None) -> list[list[Sample]]:
         """prompts: P lists of token ids (any lengths >= 1) -> P lists of sampling.n Samples.
 
         A sample ends at the first eos/stop token (kept, finish_reason "stop") or after
         max_new_tokens tokens ("length"). Sample.logprobs are processed-mode logprobs: see Sample.
+        max_new_tokens: per-prompt budgets (rollout.base.check_budgets); all rows decode to the
+        largest and each prompt's samples are then cut to its own (rollout.base.cut_to_budget).
         """
         if self.is_sleeping:
             raise RuntimeError("HFEngine.generate called while asleep: call wake() first")
         if not prompts:
             return []
         check_prompts(prompts, self._vocab_size)
+        check_budgets(max_new_tokens, len(prompts), sampling)
+        out = self._generate(prompts, sampling)
+        if max_new_tokens is None:
+            return out
+        return [[cut_to_budget(s, budget, len(p)) for s in group]
+                for group, budget, p in zip(out, max_new_tokens, prompts)]
+
+    def _generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Sample]]:
         stops = stop_ids(self.eos_token_ids, sampling)
         run = generate_paged
         if self.mode == "generate":

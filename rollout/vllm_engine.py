@@ -24,7 +24,7 @@ from dataclasses import replace
 
 import torch
 
-from .base import Sample, SamplingParams, check_prompts, checksum, fold, probe, register, stop_ids
+from .base import Sample, SamplingParams, check_budgets, check_prompts, checksum, fold, probe, register, stop_ids
 from .hf import MODES
 from .routing import ROUTING_DTYPE, router_layers
 from .weight_names import checkpoint_state
@@ -179,8 +179,10 @@ class VLLMEngine:
 
     # --- generation ---------------------------------------------------------------------------------
 
-    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[list[Sample]]:
-        """prompts: P lists of token ids -> P lists of sampling.n Samples (see HFEngine.generate)."""
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams,
+                 max_new_tokens: list[int] | None = None) -> list[list[Sample]]:
+        """prompts: P lists of token ids -> P lists of sampling.n Samples (see HFEngine.generate);
+        max_new_tokens: per-prompt budgets (rollout.base.check_budgets), each request's max_tokens."""
         from vllm import SamplingParams as VLLMSamplingParams, TokensPrompt
 
         if "weights" in self._asleep:
@@ -188,6 +190,8 @@ class VLLMEngine:
         if not prompts:
             return []
         check_prompts(prompts, self._vocab_size)
+        check_budgets(max_new_tokens, len(prompts), sampling)
+        budgets = max_new_tokens or [sampling.max_new_tokens] * len(prompts)
         self._wake("kv_cache")  # after the weight sync: the KV pool is mapped only now (spec §2)
         stops = stop_ids(self.eos_token_ids, sampling)
         # vLLM refuses greedy with n > 1 (SamplingParams._verify_greedy_sampling): decode once, copy n times.
@@ -196,7 +200,7 @@ class VLLMEngine:
         # v1/engine/parallel_sampling.py), so what is sampled follows the checkpointed RNG state.
         base = int(torch.randint(0, 2**62, (1,)))
         params = [VLLMSamplingParams(
-            n=n, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            n=n, max_tokens=budgets[i], temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k,  # 0 = off in both
             seed=None if sampling.is_greedy else base + i * n,
             stop_token_ids=stops,  # kept in token_ids: no tokenizer (v1/engine/detokenizer.py)

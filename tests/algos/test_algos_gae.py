@@ -4,7 +4,7 @@ mask holes, per-sequence λ, and vectorised-vs-loop equivalence."""
 import pytest
 import torch
 
-from algos import gae, length_adaptive_lambda, masked_whiten, reinforce_pp_advantages
+from algos import ADVANTAGES, gae, last_masked_index, length_adaptive_lambda, masked_whiten, reinforce_pp_advantages
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 
@@ -146,6 +146,19 @@ def test_reinforce_pp_discount_skips_hole():
     # σ = 0.381881: [−0.872872, 0, −0.218218, 1.091089].
     adv = reinforce_pp_advantages(torch.tensor([[0.0, 3.0, 0.0, 1.0]]), torch.tensor([[1, 0, 1, 1]]), gamma=0.5)
     torch.testing.assert_close(adv, torch.tensor([[-0.872872, 0.0, -0.218218, 1.091089]]), **TOL)
+
+
+def test_outcome_score_lands_on_the_last_model_token_after_a_tool_turn():
+    # Rows with a tool turn (mask 0 at 2-3) before the answer at 4, then padding: the score belongs at
+    # index 4 (Σ mask − 1 = 2 would be a tool token, whose reward GAE ignores: the signal would vanish).
+    mask = torch.tensor([[1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    assert last_masked_index(mask).tolist() == [4, 2, 0]
+    # REINFORCE++ on scores [1, 0, ·]: G = the score on every model token -> [1, 1, ·, ·, 1] and [0, 0, 0];
+    # N = 6, μ = 0.5, σ² = 6·0.25/5 = 0.3, σ = 0.547723: ±0.912871.
+    adv = ADVANTAGES["reinforce_pp"](scores=torch.tensor([1.0, 0.0, 0.0]), group_ids=torch.tensor([0, 1, 2]),
+                                     mask=mask)
+    expected = torch.tensor([[1, 1, 0, 0, 1, 0], [-1, -1, -1, 0, 0, 0], [0] * 6], dtype=torch.float32) * 0.912871
+    torch.testing.assert_close(adv, expected, **TOL)
 
 
 def _verl_reinforce_pp_loop(r, mask, gamma):

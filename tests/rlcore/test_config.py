@@ -106,6 +106,21 @@ def test_validate_names_the_key_to_change(override, key):
         validate(cfg)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["rollout.max_turns=3"], r"rollout\.max_turns=3 but rollout\.tools is empty"),
+    (["rollout.tools=[{name: calculator}]", "data.apply_chat_template=true"], r"needs rollout\.max_turns >= 2"),
+    (["rollout.tools=[{name: calculator}]", "rollout.max_turns=2"], r"set data\.apply_chat_template=true"),
+    (["rollout.tools=[{name: abacus}]", "rollout.max_turns=2", "data.apply_chat_template=true"],
+     r"rollout\.tools\[0\]\.name='abacus': unknown tool"),
+    (["rollout.tools=[{name: calculator}]", "rollout.max_turns=2", "data.apply_chat_template=true",
+      "rollout.tool_format=python_block"], r"python_block calls the tool named python"),
+])
+def test_tool_settings_name_the_key_to_change(overrides, message):
+    cfg, _ = compose(None, overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
 def test_output_dir_naming_an_existing_file_names_the_key(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     cfg, _ = compose(None, [f"trainer.output_dir={tmp_path / 'notes.txt'}"])

@@ -86,6 +86,21 @@ def test_moe_recipe_through_vllm(tmp_path, family):
     assert all("moe/max_load_ratio" in m for m in steps(run))
 
 
+def test_tools_through_vllm_score_each_turn_as_the_actor_does(tmp_path):
+    """Multi-turn rollouts with the calculator through vLLM: every turn's continuation (prompt, earlier
+    turns, tool turns) is a new request with its own budget; the engine's log-probs of the model's
+    tokens equal the actor's one forward over the whole trajectory."""
+    run = tmp_path / "run"
+    short = [a for a in SHORT if not a.startswith("rollout.max_new_tokens=")]
+    run_cli("train", *VLLM, *short, "rollout.max_new_tokens=110", "data.apply_chat_template=true",
+            "data.max_prompt_tokens=64", "data.task.num_digits=1", "data.task.answer_format=tool_calculator",
+            "model.warmstart.steps=150", "model.warmstart.batch_size=32", "model.warmstart.lr=3e-3",
+            "model.warmstart.target_key=target", "rollout.max_turns=3", "rollout.tools=[{name: calculator}]",
+            "trainer.total_steps=2", "trainer.export=false", f"trainer.output_dir={run}", cwd=tmp_path)
+    assert_synced(run)
+    assert sum(m["agent/tool_calls"] for m in steps(run)) > 0
+
+
 def test_two_ranks_each_with_its_own_engine(tmp_path):
     run = tmp_path / "run"
     run_cli("train", *VLLM, *SHORT, "trainer.nproc=2", "trainer.total_steps=2", f"trainer.output_dir={run}",

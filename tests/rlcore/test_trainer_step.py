@@ -140,3 +140,59 @@ print(json.dumps(timer.pop()))
     assert set(out) >= {"timing/small", "timing/big"}
     if "perf/peak_mem_big" in out:  # Linux: the resident-set high-water mark of the phase
         assert out["perf/peak_mem_big"] >= out["perf/peak_mem_small"] + 0.2
+
+
+def test_ppo_step_with_tools_trains_and_values_only_the_models_tokens(tmp_path):
+    """PPO (critic, KL in the reward) on trajectories with tool turns: old / reference log-probs and
+    advantages exist on the model's tokens only, the sequences keep the tool tokens (lengths)."""
+    import json
+    import re
+
+    from rollout import Sample
+    from rollout.base import cut_to_budget
+
+    trainer = make_trainer(tmp_path, "critic.enabled=true", "algo.kl.coef=0.01", "algo.kl.placement=reward",
+                           "data.apply_chat_template=true", "data.max_prompt_tokens=64", "rollout.max_new_tokens=110",
+                           "data.task.answer_format=tool_calculator", "rollout.max_turns=3",
+                           "rollout.tools=[{name: calculator}]", "rollout.verify_sync=false")
+    tok = trainer.tokenizer
+
+    class Scripted:  # calls the calculator on the prompt's problem, then answers what it read (or 0)
+        def generate(self, prompts, sampling, max_new_tokens=None):
+            out = []
+            for i, p in enumerate(prompts):
+                text = tok.decode(p)
+                read = re.findall(r"\ntool: (.*)\n", text)
+                reply = ("<tool_call>" + json.dumps({"name": "calculator", "arguments": {
+                    "expression": re.search(r"user: (.*)=", text).group(1)}}) + "</tool_call>") if not read else read[0]
+                group = []
+                for k in range(sampling.n):
+                    ids = tok(reply if k % 2 == 0 or not read else "0")["input_ids"] + [tok.eos_token_id]
+                    budget = max_new_tokens[i] if max_new_tokens else sampling.max_new_tokens
+                    group.append(cut_to_budget(Sample(ids, [-0.5] * len(ids), "stop"), budget, len(p)))
+                out.append(group)
+            return out
+
+        def wake(self):
+            pass
+
+        def sleep(self):
+            pass
+
+    trainer.rollout_engine.engine = Scripted()
+    seen = {}
+    update = trainer.actor.update
+    trainer.actor.update = lambda batch: seen.setdefault("batch", batch) and update(batch)
+    try:
+        metrics = trainer.rl_step()
+    finally:
+        trainer.close()
+    b = seen["batch"]
+    real = torch.arange(b.mask.shape[1]) < b.lengths[:, None]
+    tool = real & (b.mask == 0)
+    assert tool.any() and (b.lengths > b.mask.sum(-1)).all()  # every sample called the tool
+    for name in ("advantages", "old_logprobs", "ref_logprobs"):
+        values = getattr(b, name)
+        assert (values[tool] == 0).all() and (values[b.mask.bool()] != 0).any(), name
+    assert metrics["agent/tool_calls"] == len(b) and metrics["agent/tool_errors"] == 0
+    assert metrics["reward/mean"] == 0.5 and "critic/value_loss" in metrics and "actor/kl_in_reward" in metrics

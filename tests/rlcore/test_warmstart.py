@@ -1,11 +1,13 @@
 """The supervised warm start: stops at the accuracy asked for, and is cached."""
 
+import json
+
 import torch
 
 from rlcore.data import tokenize_prompts
 from rlcore.config import DataConfig
 from rlcore.models import char_tokenizer, tiny_model
-from rlcore.warmstart import cache_root, cached_warmstart, train_accuracy
+from rlcore.warmstart import cache_root, cached_warmstart, target_tokens, train_accuracy
 
 
 def setup():
@@ -30,3 +32,23 @@ def test_stops_early_at_target_accuracy_and_caches(capsys):
     assert "reusing" in capsys.readouterr().err
     for a, b in zip(trained.state_dict().values(), again.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_tool_traces_train_the_models_turns_and_insert_the_tool_turns_as_rollouts_do():
+    """A trace's tool turn is the template's tokens (as the agent inserts them), untrained except its
+    first position, which learns EOS: the model ends its turn at the call."""
+    from rlcore.tasks import Arithmetic
+    from rlcore.toolcall import ToolTurns
+    from rlcore.tools import calculator
+
+    tok = char_tokenizer()
+    row = Arithmetic(num_digits=3, ops="*", answer_format="tool_calculator").rows("train", 1, seed=0)[0]
+    call, tool, answer = row["target"]
+    assert tool["content"] == calculator(**json.loads(call["content"][11:-12])["arguments"]) == row["answer"]
+    ((ids, labels),) = target_tokens(tok, [row["target"]])
+    call_ids, turn_ids = tok(call["content"])["input_ids"], ToolTurns(tok).ids("calculator", row["answer"])
+    answer_ids = tok(row["answer"])["input_ids"] + [tok.eos_token_id]
+    assert ids == call_ids + turn_ids + answer_ids
+    assert labels == call_ids + [tok.eos_token_id] + [-100] * (len(turn_ids) - 1) + answer_ids
+    ((ids, labels),) = target_tokens(tok, ["82"])  # a plain text target: all of it and EOS
+    assert ids == labels == tok("82")["input_ids"] + [tok.eos_token_id]

@@ -124,6 +124,24 @@ def test_sampling_follows_torch_seed(tiny_model, mode):
     assert run(0) != run(1)
 
 
+def test_per_prompt_budgets_cut_each_prompts_samples_like_stopping_there(tiny_model, mode):
+    """Multi-turn rollouts give each continuation its own budget: the samples are the same draws as
+    with the largest budget, each cut to its prompt's ("length" when cut), routing never longer."""
+    engine, sp = engine_for(tiny_model(), mode), SamplingParams(n=3, max_new_tokens=8)
+    torch.manual_seed(0)
+    whole = engine.generate(PROMPTS, sp)
+    torch.manual_seed(0)
+    cut = engine.generate(PROMPTS, sp, [8, 3])
+    assert [[s.token_ids for s in g] for g in cut[:1]] == [[s.token_ids for s in g] for g in whole[:1]]
+    for full, short in zip(whole[1], cut[1]):
+        assert short.token_ids == full.token_ids[:3] and short.logprobs == full.logprobs[:3]
+        assert short.finish_reason == ("length" if len(full.token_ids) > 3 else full.finish_reason)
+    with pytest.raises(ValueError, match="one per prompt"):
+        engine.generate(PROMPTS, sp, [8])
+    with pytest.raises(ValueError, match=r"in \[1, sampling.max_new_tokens=8\]"):
+        engine.generate(PROMPTS, sp, [9, 1])
+
+
 def test_rejects_bad_prompts_and_empty_batch(tiny_model):
     engine = engine_for(tiny_model(), "generate")
     assert engine.generate([], SamplingParams()) == []

@@ -70,6 +70,21 @@ def test_samples_and_logprobs_match_hf_after_load(engine, tok, reference_logprob
         assert diff.max() < 1e-4, diff.max()
 
 
+def test_per_prompt_budgets_are_each_requests_max_tokens(engine, tok):
+    """Multi-turn rollouts give each continuation its own budget: vLLM stops each request there."""
+    src = policy(tok, 1)
+    engine.wake()
+    engine.load_weights(checkpoint_state(src))
+    out = engine.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=12, temperature=1.0), [12, 2, 5])
+    for group, budget in zip(out, [12, 2, 5]):
+        for s in group:
+            assert 1 <= len(s.token_ids) <= budget and len(s.logprobs) == len(s.token_ids)
+            assert s.finish_reason == ("stop" if s.token_ids[-1] == tok.eos_token_id else "length")
+            assert s.finish_reason == "stop" or len(s.token_ids) == budget
+    with pytest.raises(ValueError, match="one per prompt"):
+        engine.generate(PROMPTS, SamplingParams(max_new_tokens=4), [4])
+
+
 def test_greedy_matches_hf_greedy(engine, tok):
     src = policy(tok, 2)
     engine.wake()
