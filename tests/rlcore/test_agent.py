@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from rlcore.actor import Actor, micro_batches
+from rlcore.actor import Actor, micro_batches, sequence_lengths
 from rlcore.agent import AgentEngine, Trajectory, agent_metrics, reward_inputs
 from rlcore.batch import RolloutBatch, TrainBatch
 from rlcore.config import RLConfig
@@ -204,12 +204,13 @@ def test_model_segments_logprobs_equal_one_forward_over_the_whole_trajectory(too
         torch.testing.assert_close(logp[i, :n][m], expected[m], rtol=0, atol=2e-5)
 
 
-def update_grads(model, batch: TrainBatch):
-    """The gradients of one actor update, and of its final hidden states (rows in batch order)."""
+def update_grads(model, batch: TrainBatch, packed: bool = False):
+    """The gradients of one actor update and, padded, of its final hidden states (rows in batch order)."""
     cfg = RLConfig()
-    cfg.train.lr, cfg.train.max_grad_norm = 1e-9, 0.0
+    cfg.train.lr, cfg.train.max_grad_norm, cfg.train.packing = 1e-9, 0.0, packed
     actor = Actor(model, cfg, pad_id=0, seqs_per_minibatch=len(batch))
-    (order,) = micro_batches(batch.prompt_ids, batch.lengths, cfg.train.max_tokens_per_microbatch)  # one pass
+    seq_lens = sequence_lengths(batch.prompt_ids, batch.lengths)
+    (order,) = micro_batches(seq_lens, cfg.train.max_tokens_per_microbatch, packed=packed)  # one pass
     hidden = []  # the final hidden states: position p feeds only the LM head's prediction of token p + 1
 
     def keep(module, inputs, out):
@@ -221,9 +222,12 @@ def update_grads(model, batch: TrainBatch):
         actor.update(batch)
     finally:
         hook.remove()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    if packed:
+        return grads, None
     by_row = torch.zeros_like(hidden[0].grad)
     by_row[order] = hidden[0].grad
-    return {n: p.grad.clone() for n, p in model.named_parameters()}, by_row
+    return grads, by_row
 
 
 def test_tool_tokens_get_exactly_zero_gradient(tool_user):
@@ -244,8 +248,11 @@ def test_tool_tokens_get_exactly_zero_gradient(tool_user):
             row = hidden_grad[i, starts[i] - 1 + t]
             assert (row == 0).all() if b.mask[i, t] == 0 else row.abs().sum() > 0, (i, t)
     # Whatever the advantages and old log-probs say at tool positions, the gradient is bitwise the same.
+    # Padded and packed (the default) alike.
     tool = (b.mask == 0) & real
     garbage = torch.where(tool, torch.full_like(advantages, 1e3), advantages)
-    same, _ = update_grads(copy.deepcopy(model), train_batch(garbage, torch.where(tool, -50.0, old)))
-    assert all(torch.equal(grads[k], same[k]) for k in grads)
-    assert any(grads[k].abs().sum() > 0 for k in grads)
+    for packed in (False, True):
+        grads, _ = update_grads(copy.deepcopy(model), train_batch(advantages, old), packed)
+        same, _ = update_grads(copy.deepcopy(model), train_batch(garbage, torch.where(tool, -50.0, old)), packed)
+        assert all(torch.equal(grads[k], same[k]) for k in grads), packed
+        assert any(grads[k].abs().sum() > 0 for k in grads)

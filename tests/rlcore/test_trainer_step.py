@@ -166,8 +166,8 @@ def test_ppo_step_with_tools_trains_and_values_only_the_models_tokens(tmp_path):
                 reply = ("<tool_call>" + json.dumps({"name": "calculator", "arguments": {
                     "expression": re.search(r"user: (.*)=", text).group(1)}}) + "</tool_call>") if not read else read[0]
                 group = []
-                for k in range(sampling.n):
-                    ids = tok(reply if k % 2 == 0 or not read else "0")["input_ids"] + [tok.eos_token_id]
+                for k in range(sampling.n):  # answers: every other trajectory (one prompt each by then) wrong
+                    ids = tok(reply if i % 2 == 0 or not read else "0")["input_ids"] + [tok.eos_token_id]
                     budget = max_new_tokens[i] if max_new_tokens else sampling.max_new_tokens
                     group.append(cut_to_budget(Sample(ids, [-0.5] * len(ids), "stop"), budget, len(p)))
                 out.append(group)
