@@ -68,7 +68,8 @@ def build_policy(cfg: RLConfig, tokenizer, train: Prompts, device: str):
         key = {"model": source, "data": _data_identity(cfg), "warmstart": dataclasses.asdict(w),
                "seed": cfg.trainer.seed, "version": 1}
         model = cached_warmstart(model, tokenizer, train, key, steps=w.steps, lr=w.lr, batch_size=w.batch_size,
-                                 target_key=w.target_key, until_accuracy=w.until_accuracy, seed=cfg.trainer.seed,
+                                 target_key=w.target_key, until_accuracy=w.until_accuracy, check_every=w.check_every,
+                                 seed=cfg.trainer.seed,
                                  device=device)
     if m.path is None:  # built (and warm-started) in fp32, then cast like a loaded checkpoint
         model.to(DTYPES[m.dtype])

@@ -65,7 +65,10 @@ class WarmstartConfig(_Node):
     so a second run reuses it; the reported RL gain is measured after it."""
     until_accuracy: float = 0.0
     """Stop the warm start early once greedy accuracy on training prompts reaches this (0 = run all
-    steps); checked every 25 steps."""
+    steps); checked every `check_every` steps."""
+    check_every: int = 25
+    """Steps between the until_accuracy checks (each a greedy pass over 256 training prompts). Fewer
+    where accuracy jumps within a few dozen steps and RL should start partway up."""
     lr: float = 1e-3
     """Learning rate of the supervised warm start."""
     batch_size: int = 64

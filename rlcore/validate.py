@@ -57,6 +57,7 @@ def validate(cfg: RLConfig, world_size: int = 1) -> Plan:
         need(m.tiny.num_heads % m.tiny.num_kv_heads == 0, "model.tiny.num_heads must divide by model.tiny.num_kv_heads")
     need(m.warmstart.steps >= 0, "model.warmstart.steps must be >= 0")
     need(0 <= m.warmstart.until_accuracy <= 1, "model.warmstart.until_accuracy must be in [0, 1]")
+    need(m.warmstart.check_every >= 1, "model.warmstart.check_every must be >= 1")
     for key in ("train_files", "eval_files"):
         for f in getattr(d, key):
             need(Path(f).exists(), f"data.{key}: file {f!r} does not exist")

@@ -31,7 +31,8 @@ def cache_key(parts: dict) -> str:
 
 
 def supervised_warmstart(model, tokenizer, prompts: Prompts, *, steps: int, lr: float, batch_size: int,
-                         target_key: str, until_accuracy: float, seed: int, device: str) -> None:
+                         target_key: str, until_accuracy: float, seed: int, device: str,
+                         check_every: int = 25) -> None:
     """AdamW steps of next-token loss on row[target_key] + EOS after each prompt (in place).
 
     row[target_key] is a text, or a tool-use trace (a list of chat messages, rlcore.tasks.tool_trace):
@@ -39,7 +40,8 @@ def supervised_warmstart(model, tokenizer, prompts: Prompts, *, steps: int, lr: 
     Runs `steps` steps, or stops early once greedy exact-match accuracy on a fixed sample of
     *training* prompts reaches `until_accuracy` (0 = never; with traces: of their first turn). Stopping
     at an accuracy rather than a step count makes the starting point of RL the same whatever the seed
-    or the torch build, which changes how fast a tiny model picks the task up. Checked every 25 steps.
+    or the torch build, which changes how fast a tiny model picks the task up. Checked every
+    `check_every` steps.
     """
     rng = random.Random(seed)
     probe = random.Random(seed + 1).sample(range(len(prompts)), min(256, len(prompts)))
@@ -65,7 +67,7 @@ def supervised_warmstart(model, tokenizer, prompts: Prompts, *, steps: int, lr: 
         loss.backward()
         opt.step()
         # Checked often: a tiny model can gain 20 points of accuracy within 100 steps.
-        is_check = until_accuracy > 0 and (step + 1) % 25 == 0
+        is_check = until_accuracy > 0 and (step + 1) % check_every == 0
         accuracy = train_accuracy(model, tokenizer, prompts, probe, target_key) if is_check else None
         is_done = accuracy is not None and accuracy >= until_accuracy
         if (step + 1) % 100 == 0 or step + 1 == steps or is_done:

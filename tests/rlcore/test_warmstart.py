@@ -34,6 +34,22 @@ def test_stops_early_at_target_accuracy_and_caches(capsys):
         torch.testing.assert_close(a, b)
 
 
+def test_accuracy_is_checked_every_check_every_steps(capsys):
+    """The stop lands on a multiple of check_every: with 3 the run stops sooner than with 25 steps
+    between checks, at the first check that reaches the target."""
+    from rlcore.warmstart import supervised_warmstart
+
+    stops = {}
+    for every in (3, 25):
+        tok, prompts, model = setup()
+        supervised_warmstart(model, tok, prompts, steps=500, lr=3e-3, batch_size=16, target_key="answer",
+                             until_accuracy=0.9, seed=0, device="cpu", check_every=every)
+        last = [line for line in capsys.readouterr().err.splitlines() if "train accuracy" in line][-1]
+        stops[every] = int(last.split()[2].split("/")[0])
+        assert stops[every] % every == 0 and stops[every] < 500
+    assert stops[3] < stops[25] and stops[3] > stops[25] - 25
+
+
 def test_tool_traces_train_the_models_turns_and_insert_the_tool_turns_as_rollouts_do():
     """A trace's tool turn is the template's tokens (as the agent inserts them), untrained except its
     first position, which learns EOS: the model ends its turn at the call."""
