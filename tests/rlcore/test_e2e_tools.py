@@ -65,3 +65,20 @@ def test_tool_runs_log_agent_metrics_and_resume_after_sigkill_mid_step_exactly(t
     # The trajectories (turns, tool calls, tokens) follow the checkpointed RNG: the same numbers.
     for key in ("reward/mean", "response/length_mean", "actor/pg_loss", "actor/grad_norm", *AGENT[:3], AGENT[4]):
         assert [m[key] for m in again] == pytest.approx([m[key] for m in logged], abs=1e-6), key
+
+
+def test_tools_on_two_ranks_each_with_its_own_workers(tmp_path):
+    """nproc=2: each rank runs its own trajectories and tool workers; the agent metrics are summed or
+    averaged over both ranks, the engine samples from the synced weights, the rows (tool tokens inside)
+    are spread over the ranks by tokens and the update still runs in lockstep."""
+    run = tmp_path / "run"
+    proc = run_cli("train", *TOOLS, "trainer.nproc=2", "trainer.total_steps=2", f"trainer.output_dir={run}",
+                   cwd=tmp_path)
+    assert "x 2 ranks" in proc.stderr
+    logged = steps(run)
+    assert [m["step"] for m in logged] == [1, 2]
+    assert sum(m["agent/tool_calls"] for m in logged) > 0
+    for m in logged:
+        assert m["reward/samples"] == 16  # 4 prompts x 4 samples, both ranks together
+        assert m["sync/max_checksum_error"] == 0.0 and m["sync/mean_logprob_diff"] < 1e-4
+        assert "actor/pg_loss" in m and m["agent/turns_mean"] >= 1
