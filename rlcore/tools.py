@@ -80,6 +80,8 @@ def calculator(expression: str) -> str:
         value = _evaluate(tree.body)
     except ZeroDivisionError:
         raise ToolError("division by zero") from None
+    except OverflowError:  # floats: 1e300**2
+        raise ToolError("the result is too large") from None
     return str(value)
 
 
