@@ -164,11 +164,12 @@ def remove_stale(parent: str) -> None:
         return
     for name in names:
         match = _STALE.match(name)
-        if match and not _is_alive(int(match.group(1))):
+        if match and not is_alive(int(match.group(1))):
             _remove(os.path.join(parent, name))
 
 
-def _is_alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+    """Whether process `pid` exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

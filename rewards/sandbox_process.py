@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from rewards.sandbox_cgroup import is_alive
 from rewards.sandbox_host import WORK_DIR, Host, SandboxError, base_args
 
 _SOURCES = ("sandbox_wire", "sandbox_audit", "sandbox_child", "sandbox_judge")
@@ -331,7 +332,7 @@ def _make_work_dir() -> str:
         _cleaned_temp.append(parent)
         for entry in os.scandir(parent):
             owner = entry.name.split("-")[2] if entry.name.startswith("rlcore-sandbox-") else ""
-            if owner.isdigit() and not _is_alive(int(owner)):
+            if owner.isdigit() and not is_alive(int(owner)):
                 shutil.rmtree(entry.path, ignore_errors=True)
     path = tempfile.mkdtemp(prefix=f"rlcore-sandbox-{os.getpid()}-", dir=parent)
     os.chmod(path, 0o700)
@@ -344,16 +345,6 @@ def _searchable_temp_dir() -> str:
     path = os.path.realpath(tempfile.gettempdir())
     parents = [path[:i] or "/" for i, char in enumerate(path) if char == "/"] + [path]
     return path if all(os.stat(p).st_mode & 0o001 for p in parents) else "/tmp"
-
-
-def _is_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _count_tasks(uid: int) -> int:
