@@ -24,9 +24,10 @@ from dataclasses import replace
 
 import torch
 
-from .base import Sample, SamplingParams, check_budgets, check_prompts, checksum, fold, probe, register, stop_ids
+from .base import Sample, SamplingParams, check_budgets, check_prompts, register, stop_ids
 from .hf import MODES
 from .routing import ROUTING_DTYPE, router_layers
+from .vllm_worker import checksums, has_own_head, reload
 from .weight_names import checkpoint_state
 
 NEEDS = ("rollout.engine=vllm needs vLLM: pip install rlcore[vllm] on an NVIDIA GPU machine, or "
@@ -171,7 +172,7 @@ class VLLMEngine:
         if not hasattr(self.llm.llm_engine, "model_executor"):  # set only in-process (v1/engine/llm_engine.py)
             raise RuntimeError("vLLM runs its engine core in another process; VLLMEngine needs it in-process "
                                "(VLLM_ENABLE_V1_MULTIPROCESSING=0 was not honoured)")
-        if self._head_name and not self.llm.apply_model(_has_own_head)[0]:
+        if self._head_name and not self.llm.apply_model(has_own_head)[0]:
             self._head_name = None  # vLLM ties them too: the embedding alone updates both
         if self.can_sleep:
             self.llm.sleep(level=2)  # dummy weights are disposable: no host copy
@@ -248,7 +249,7 @@ class VLLMEngine:
         vLLM parameters left unloaded (routed experts are not name-checked: vLLM names them otherwise).
         """
         self._wake("weights")
-        missing = self.llm.collective_rpc(_reload, args=(self._cast(named_tensors),))[0]
+        missing = self.llm.collective_rpc(reload, args=(self._cast(named_tensors),))[0]
         if missing:
             raise RuntimeError(f"load_weights: {len(missing)} vLLM parameters got no tensor, e.g. {missing[:5]}")
         # KV blocks computed with the old weights must not be reused (spec §3, "Prefix cache").
@@ -285,7 +286,7 @@ class VLLMEngine:
         self._wake("weights")
         wanted = {n: self._shapes.get(n) for n in names if ".experts." not in n}
         wanted = {n: shape for n, shape in wanted.items() if shape is not None}
-        return self.llm.apply_model(lambda model: _checksums(model, wanted, self._vocab_size))[0]
+        return self.llm.apply_model(lambda model: checksums(model, wanted, self._vocab_size))[0]
 
     def close(self) -> None:
         """Shut the engine core down now (vLLM would at interpreter exit, after the trainer has left its
@@ -412,7 +413,7 @@ def _build_llm(llm_class, options: dict):
 def _drop_expected_warning(record) -> bool:
     """False for vLLM warnings that only restate how rlcore drives it (a logging filter):
     - "<layer>: Failed to load weights", every sync, for layers with nothing to load: rotary embeddings
-      (buffers only) and a tied LM head (its weight is the embedding; _reload reprocesses it and the
+      (buffers only) and a tied LM head (its weight is the embedding; vllm_worker.reload reprocesses it and the
       sync check reads it). Other layers' warnings pass.
     - the chat-template warmup's traceback and "Using None for EOS token id": no tokenizer by design
       (token ids in and out, stop ids given per request).
@@ -441,124 +442,3 @@ def _quiet_vllm() -> None:
 def _empty_cache() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _reload(worker, weights: Iterator[tuple[str, torch.Tensor]]) -> list[str]:
-    """Run in the worker by collective_rpc (in-process: a plain call): GPUModelRunner.reload_weights'
-    checkpoint-format path (model_executor/model_loader/reload), inside set_current_vllm_config as 0.26's
-    Worker.reload_weights omits it, plus the check of load_weights' returned names (spec §3). Then the
-    post-load processing of layers whose weight is another layer's (a tied LM head): the layerwise reload
-    skips them, as nothing is loaded under their name, and on CPU they would keep a packed copy of the
-    old embedding. Returns the loadable parameters that got nothing."""
-    from vllm.config import set_current_vllm_config
-    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
-
-    model = worker.get_model()
-    with set_current_vllm_config(worker.vllm_config), torch.no_grad():
-        # Parameters to load: those of the live model (a tied head counted once) that exist in checkpoint
-        # layout too (not the ones post-load processing derives, e.g. MLA's W_UK_T).
-        live = {n for n, _ in model.named_parameters()}
-        if worker.vllm_config.device_config.device_type == "cpu":
-            _forget_cpu_moe_kernels(model)
-        initialize_layerwise_reload(model)
-        expected = [n for n, _ in model.named_parameters() if n in live]
-        loaded = model.load_weights(weights)
-        finalize_layerwise_reload(model, worker.vllm_config.model_config)
-        for layer in _tied_layers(model):
-            layer.quant_method.process_weights_after_loading(layer)
-    if loaded is None:
-        return []
-    return sorted(n for n in expected
-                  if n not in loaded and ".experts." not in n and not n.endswith("_scale"))  # kv-cache scales
-
-
-def _has_own_head(model: torch.nn.Module) -> bool:
-    """In the worker: vLLM's model has an LM head parameter of its own (not shared with the embedding)."""
-    head = getattr(getattr(model, "lm_head", None), "weight", None)
-    if head is None:
-        return False
-    return not any(p is head for name, p in model.named_parameters(remove_duplicate=False)
-                   if not name.startswith("lm_head."))
-
-
-def _forget_cpu_moe_kernels(model: torch.nn.Module) -> None:
-    """Make the reload process MoE experts as a first load does. vLLM (0.32 to 0.34 at least,
-    UnquantizedFusedMoEMethod._setup_kernel) treats a layer whose kernel exists as a weight update and
-    then skips the experts kernel's own post-load step; on CPU that step pads the expert width to 32
-    and packs w13/w2 into the grouped-GEMM layout, so an update either failed on the padded shape or
-    left the kernel reading plain weights as packed ones (1-2 nats per token off, no error). Without a
-    kernel the method pads, packs and builds a new one, and the reload copies the result in place."""
-    for module in model.modules():
-        method = getattr(module, "quant_method", None)
-        if getattr(method, "moe_kernel", None) is not None:
-            method.moe_kernel = None
-
-
-def _tied_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Modules with a quant_method whose ``weight`` is the very Parameter of an earlier module."""
-    owners, tied = {}, []
-    for module in model.modules():
-        weight = module._parameters.get("weight") if hasattr(module, "quant_method") else None
-        if weight is None:
-            continue
-        if id(weight) in owners:
-            tied.append(module)
-        owners.setdefault(id(weight), module)
-    return tied
-
-
-def _checksums(model: torch.nn.Module, wanted: dict[str, tuple[int, ...]], vocab: int
-               ) -> dict[str, tuple[float, float]]:
-    """In the worker: checksums of what vLLM computes with, for the checkpoint names in ``wanted``
-    (name -> shape). Vocabulary-sized outputs may have padding rows (VocabParallelEmbedding pads to a
-    multiple of 64)."""
-    packed = getattr(model, "packed_modules_mapping", {})  # e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
-    out = {}
-    for name, shape in wanted.items():
-        module_name, _, leaf = name.rpartition(".")
-        module, rows = _lookup(model.get_submodule, module_name), None
-        if module is None and module_name.count(".") >= 1:  # a slice of a fused layer
-            parent, sub = module_name.rsplit(".", 1)
-            for fused, parts in packed.items():
-                candidate = _lookup(model.get_submodule, f"{parent}.{fused}")
-                if sub in parts and hasattr(candidate, "output_sizes"):
-                    i, sizes = parts.index(sub), candidate.output_sizes
-                    module, rows = candidate, (sum(sizes[:i]), sizes[i])
-        if module is None:
-            continue
-        probed = leaf == "weight" and len(shape) == 2 and _computes_linear(module)
-        # the layer's output for the probe vector (W @ probe: what checksum folds), or the tensor itself
-        t = _probe_layer(module, shape[1]) if probed else module._parameters.get(leaf)
-        if t is None or t.numel() == 0:
-            continue
-        if rows is not None:
-            t = t.narrow(0, *rows)
-        if t.shape[0] > vocab and shape[0] == vocab:
-            t = t[:vocab]
-        if t.shape[0] != shape[0] or (not probed and tuple(t.shape) != shape):
-            continue
-        out[name] = fold(t) if probed else checksum(t)
-    return out
-
-
-def _computes_linear(module: torch.nn.Module) -> bool:
-    """A linear layer or an LM head: used as x @ W.T through quant_method.apply (vLLM's
-    LinearBase and ParallelLMHead); an input embedding is a lookup and is read as a tensor."""
-    from vllm.model_executor.layers.linear import LinearBase
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-
-    return isinstance(module, (LinearBase, ParallelLMHead))
-
-
-def _probe_layer(module: torch.nn.Module, in_features: int) -> torch.Tensor:
-    """The layer's output for the probe vector, bias left out: (out features,) = W @ probe."""
-    weight = module._parameters["weight"]
-    x = probe(in_features).to(device=weight.device, dtype=weight.dtype)[None]  # (1, K); +-1 is exact
-    return module.quant_method.apply(module, x, bias=None)[0]
-
-
-def _lookup(get, name: str):
-    try:
-        return get(name)
-    except AttributeError:
-        return None

@@ -8,7 +8,6 @@ One module-scoped engine (vLLM's sleep-mode allocator allows one per process on 
 seconds to start); each test loads the weights it checks against.
 """
 
-import copy
 import os
 import subprocess
 import sys
@@ -57,7 +56,8 @@ def test_samples_and_logprobs_match_hf_after_load(engine, tok, reference_logprob
     for prompt, group in zip(PROMPTS, out):
         assert len({tuple(s.token_ids) for s in group}) > 1  # n samples, not n copies
         for s in group:
-            assert 1 <= len(s.token_ids) <= 12 and len(s.logprobs) == len(s.token_ids)
+            assert len(s.token_ids) in range(1, 13), s.token_ids
+            assert len(s.logprobs) == len(s.token_ids)
             assert eos not in s.token_ids[:-1] and s.routing is None
             assert s.finish_reason == ("stop" if s.token_ids[-1] == eos else "length")
             assert s.finish_reason == "stop" or len(s.token_ids) == 12
@@ -78,7 +78,8 @@ def test_per_prompt_budgets_are_each_requests_max_tokens(engine, tok):
     out = engine.generate(PROMPTS, SamplingParams(n=3, max_new_tokens=12, temperature=1.0), [12, 2, 5])
     for group, budget in zip(out, [12, 2, 5]):
         for s in group:
-            assert 1 <= len(s.token_ids) <= budget and len(s.logprobs) == len(s.token_ids)
+            assert len(s.token_ids) in range(1, budget + 1), (budget, s.token_ids)
+            assert len(s.logprobs) == len(s.token_ids)
             assert s.finish_reason == ("stop" if s.token_ids[-1] == tok.eos_token_id else "length")
             assert s.finish_reason == "stop" or len(s.token_ids) == budget
     with pytest.raises(ValueError, match="one per prompt"):
@@ -167,10 +168,10 @@ def test_stale_tied_head_is_caught_naming_it(engine, tok, monkeypatch):
     with both names: the handle then points at a temporary) every later sync left the head stale.
     The engine reprocesses tied layers; with that step disabled the sync check must stop, naming the
     head (it reported 0 here while the engine sampled 1-2 nats per token off)."""
-    import rollout.vllm_engine as vllm_engine
+    import rollout.vllm_worker as vllm_worker
 
     engine.wake()
-    monkeypatch.setattr(vllm_engine, "_tied_layers", lambda model: [])
+    monkeypatch.setattr(vllm_worker, "_tied_layers", lambda model: [])
     engine.load_weights(checkpoint_state(policy(tok, 6)))  # both names, as from a checkpoint
     changed = policy(tok, 7)
     if not ON_GPU:  # on CUDA the head reads the embedding itself: nothing can go stale
