@@ -1,5 +1,4 @@
-import sys
-
+from rlcore import dist
 from rlcore.cli import main
 
-sys.exit(main())
+dist.exit_rank(main())

@@ -75,3 +75,4 @@ def main(out: str, strategy: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2])
+    dist.exit_rank(0)
